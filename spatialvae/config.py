@@ -1,0 +1,355 @@
+"""Configuration: one dataclass per concern, the seed recipe as defaults, named presets.
+
+Every default carries the reason it has that value. A `Config` round-trips through JSON
+(`to_json` / `from_json`), so a run folder's `config.json` and a checkpoint's config rebuild
+exactly the same run. `validate()` raises `ConfigError` (a `ValueError`) naming the field,
+the bad value and what would work.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # None: $SPATIALVAE_DATA, then the Kaggle input mounts
+    image_size: int = 128  # the recipe's resolution; 64 for CPU-sized runs
+    clahe_clip: float = 2.0  # CLAHE clip limit from the recipe: lifts rib/lung contrast, caps noise boost
+    clahe_tiles: int = 8  # CLAHE grid is 8x8 tiles, relative to the image, so any resolution works
+    hflip: bool = True  # the recipe's only augmentation (note: a flipped X-ray has its heart on the right)
+    batch_size: int = 32  # the recipe's batch; fits a 16 GB T4 at 128 px with AMP
+    val_split: str = "auto"  # auto | kaggle | patient; auto = patient split when Kaggle's val/ is tiny
+    val_fraction: float = 0.1  # share of train images (by patient) carved out for validation
+    min_kaggle_val: int = 100  # Kaggle's val/ has 16 images: too few to pick a best checkpoint
+    split_seed: int = 0  # fixed apart from the training seed, so every run validates on the same patients
+    max_per_class: Optional[int] = None  # cap per class and split (quick/smoke runs); None = everything
+    cache_dir: Optional[str] = None  # None: $SPATIALVAE_CACHE, /kaggle/working/.cache/spatialvae, ~/.cache/spatialvae
+    preprocess_workers: Optional[int] = None  # processes for the one-time decode; None = all cores
+    num_workers: int = 0  # DataLoader workers: images are already decoded in memory, so 0 is fastest
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = "spatial"  # spatial (the recipe) | original (the recipe's flat-latent baseline)
+    in_channels: int = 1  # grayscale X-rays
+    channels: Tuple[int, ...] = (32, 64, 128, 256, 512)  # encoder widths, stem first, one per 2x downsampling
+    latent_channels: int = 64  # 64 x 4 x 4 = 1,024 latent values keep spatial layout for sharp decoding
+    latent_size: int = 4  # spatial side of the latent grid
+    attention_resolutions: Tuple[int, ...] = (16,)  # self-attention where the grid is 16x16 (256 tokens: cheap)
+    attention_heads: int = 1  # one head is what the recipe describes
+    norm_groups: int = 8  # GroupNorm groups: batch-size independent, unlike BatchNorm
+    flat_latent_dim: int = 256  # only for architecture=original: its flattened latent
+
+
+@dataclass
+class LossConfig:
+    recon: str = "l1"  # l1 (the recipe: sharper than MSE) | mse (the original baseline)
+    recon_weight: float = 1.0  # pixel term weight
+    perceptual_weight: float = 0.1  # VGG16 feature L1: texture and edges that pixel losses blur
+    perceptual_layers: Tuple[int, ...] = (3, 8, 15)  # vgg16.features indices of relu1_2, relu2_2, relu3_3
+    vgg_weights: str = "imagenet"  # imagenet (torchvision cache/download) | a local .pth path | random (explicit opt-in)
+    ssim_weight: float = 0.5  # 0.5 * (1 - SSIM): structure and local contrast
+    ssim_window: int = 11  # Gaussian window of pytorch-msssim; shrunk automatically for tiny images
+    kl_reduction: str = "sum"  # sum over the 1,024 latent values, mean over the batch: beta stays meaningful
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = 50  # 0 skips the phase
+    lr: float = 1e-4  # AdamW learning rate at the start of the phase
+    scheduler: str = "cosine"  # cosine (warm restarts) | plateau (on val loss) | none
+    beta_start: float = 0.0  # KL weight at the first epoch of the phase
+    beta_end: float = 0.0  # KL weight reached after beta_anneal_epochs
+    beta_anneal_epochs: int = 0  # linear ramp length; 0 = beta_end from the start
+    cosine_t0: int = 10  # epochs in the first cosine cycle
+    cosine_t_mult: int = 1  # cycle length multiplier after each restart
+    plateau_factor: float = 0.5  # lr multiplier when val loss stalls
+    plateau_patience: int = 5  # epochs without improvement before the lr drops
+
+
+def _phase1() -> PhaseConfig:
+    # Reconstruction only: learn to draw X-rays before being asked to be a good prior.
+    return PhaseConfig(epochs=50, lr=1e-4, scheduler="cosine")
+
+
+def _phase2() -> PhaseConfig:
+    # Gentle KL: beta 0 -> 1e-3 over 50 epochs keeps reconstructions sharp while the prior forms.
+    return PhaseConfig(
+        epochs=100, lr=5e-5, scheduler="plateau", beta_start=0.0, beta_end=1e-3, beta_anneal_epochs=50
+    )
+
+
+@dataclass
+class TrainConfig:
+    phase1: PhaseConfig = field(default_factory=_phase1)
+    phase2: PhaseConfig = field(default_factory=_phase2)
+    weight_decay: float = 1e-5  # AdamW decoupled weight decay from the recipe
+    grad_clip: float = 1.0  # max grad norm: attention + KL spikes otherwise blow up early steps
+    seed: int = 0  # model init, shuffling and flips
+    amp: bool = True  # fp16/bf16 autocast on CUDA only; CPU always runs fp32
+    channels_last: bool = False  # memory format switch (benchmarked in the bench command)
+    compile: bool = False  # torch.compile: slower start, faster steps on long GPU runs
+    sample_every: int = 10  # epochs between sample/reconstruction grids
+    n_samples: int = 64  # images per sample grid
+    max_nonfinite_steps: int = 5  # consecutive NaN/inf losses tolerated before the run stops
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "seed"  # the preset this config started from (for logs and run folder names)
+
+    # ---- serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = _from_dict(cls, d, prefix="")
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> "Config":
+        """Parse a JSON string or read a JSON file. Keys missing from the file keep their defaults."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            p = Path(text_or_path)
+            if not p.is_file():
+                raise ConfigError(f"config file {p} does not exist; pass a JSON file written by a run (config.json)")
+            text = p.read_text()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON ({e}); fix the file or start from a preset") from None
+        if not isinstance(d, dict):
+            raise ConfigError("config JSON must be an object like {\"data\": {...}, \"model\": {...}}")
+        return cls.from_dict(d)
+
+    # ---- overrides and validation ------------------------------------------------------
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "Config":
+        """Return a copy with `section.key=value` overrides applied (as from `--set`)."""
+        cfg = copy.deepcopy(self)
+        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        for key, value in items:
+            _set_path(cfg, key, value)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> "Config":
+        d, m, lo, t = self.data, self.model, self.loss, self.train
+        _check(d.image_size >= 16 and d.image_size % 16 == 0, "data.image_size", d.image_size,
+               "a multiple of 16, at least 16 (e.g. 64 or 128)")
+        _check(d.clahe_clip > 0, "data.clahe_clip", d.clahe_clip, "a positive clip limit (the recipe uses 2.0)")
+        _check(d.clahe_tiles >= 1, "data.clahe_tiles", d.clahe_tiles, "a tile grid of at least 1 (the recipe uses 8)")
+        _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "at least 1")
+        _check(d.val_split in ("auto", "kaggle", "patient"), "data.val_split", d.val_split,
+               "one of auto, kaggle, patient")
+        _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a fraction between 0 and 1")
+        _check(d.max_per_class is None or d.max_per_class >= 1, "data.max_per_class", d.max_per_class,
+               "null (all images) or at least 1")
+        _check(d.preprocess_workers is None or d.preprocess_workers >= 1, "data.preprocess_workers",
+               d.preprocess_workers, "null (all cores) or at least 1")
+        _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
+        _check(m.architecture in ("spatial", "original"), "model.architecture", m.architecture,
+               "spatial or original")
+        _check(m.in_channels >= 1, "model.in_channels", m.in_channels, "at least 1")
+        _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels", m.channels,
+               "a non-empty list of positive widths")
+        _check(m.latent_channels >= 1, "model.latent_channels", m.latent_channels, "at least 1")
+        _check(m.latent_size >= 1, "model.latent_size", m.latent_size, "at least 1")
+        _check(m.attention_heads >= 1, "model.attention_heads", m.attention_heads, "at least 1")
+        _check(m.norm_groups >= 1, "model.norm_groups", m.norm_groups, "at least 1")
+        _check(m.flat_latent_dim >= 1, "model.flat_latent_dim", m.flat_latent_dim, "at least 1")
+        _check(lo.recon in ("l1", "mse"), "loss.recon", lo.recon, "l1 or mse")
+        for name in ("recon_weight", "perceptual_weight", "ssim_weight"):
+            _check(getattr(lo, name) >= 0, f"loss.{name}", getattr(lo, name), "0 or more")
+        _check(all(i >= 0 for i in lo.perceptual_layers), "loss.perceptual_layers", lo.perceptual_layers,
+               "indices into torchvision vgg16().features (the recipe uses 3, 8, 15)")
+        _check(bool(lo.vgg_weights), "loss.vgg_weights", lo.vgg_weights, "imagenet, random, or a path to a .pth file")
+        _check(lo.ssim_window >= 3 and lo.ssim_window % 2 == 1, "loss.ssim_window", lo.ssim_window,
+               "an odd window of at least 3 (pytorch-msssim uses 11)")
+        _check(lo.kl_reduction in ("sum", "mean"), "loss.kl_reduction", lo.kl_reduction, "sum or mean")
+        for pname in ("phase1", "phase2"):
+            p: PhaseConfig = getattr(t, pname)
+            _check(p.epochs >= 0, f"train.{pname}.epochs", p.epochs, "0 (skip the phase) or more")
+            _check(p.lr > 0, f"train.{pname}.lr", p.lr, "a positive learning rate")
+            _check(p.scheduler in ("cosine", "plateau", "none"), f"train.{pname}.scheduler", p.scheduler,
+                   "cosine, plateau or none")
+            _check(p.beta_start >= 0 and p.beta_end >= 0, f"train.{pname}.beta_end", (p.beta_start, p.beta_end),
+                   "KL weights of 0 or more")
+            _check(p.beta_anneal_epochs >= 0, f"train.{pname}.beta_anneal_epochs", p.beta_anneal_epochs, "0 or more")
+            _check(p.cosine_t0 >= 1, f"train.{pname}.cosine_t0", p.cosine_t0, "at least 1")
+            _check(p.cosine_t_mult >= 1, f"train.{pname}.cosine_t_mult", p.cosine_t_mult, "at least 1")
+            _check(0 < p.plateau_factor < 1, f"train.{pname}.plateau_factor", p.plateau_factor, "between 0 and 1")
+            _check(p.plateau_patience >= 0, f"train.{pname}.plateau_patience", p.plateau_patience, "0 or more")
+        _check(t.phase1.epochs + t.phase2.epochs >= 1, "train.phase1.epochs + train.phase2.epochs",
+               t.phase1.epochs + t.phase2.epochs, "at least one epoch in total")
+        _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "0 or more")
+        _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "a positive max-norm (the recipe uses 1.0)")
+        _check(t.sample_every >= 1, "train.sample_every", t.sample_every, "at least 1")
+        _check(t.n_samples >= 1, "train.n_samples", t.n_samples, "at least 1")
+        _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "at least 1")
+        return self
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+# ---- presets ----------------------------------------------------------------------------
+
+def _seed() -> Config:
+    return Config(preset="seed")
+
+
+def _quick() -> Config:
+    # CPU-sized: 64 px (one stage fewer), a class-balanced subset, both phases kept short.
+    cfg = Config(preset="quick")
+    cfg.data.image_size = 64
+    cfg.data.max_per_class = 1000
+    cfg.train.phase1.epochs = 4
+    cfg.train.phase1.cosine_t0 = 4
+    cfg.train.phase2.epochs = 4
+    cfg.train.phase2.beta_anneal_epochs = 2
+    cfg.train.sample_every = 2
+    return cfg
+
+
+def _smoke() -> Config:
+    # Seconds: a handful of images, tiny widths, one epoch per phase. For tests and CI.
+    cfg = Config(preset="smoke")
+    cfg.data.image_size = 32
+    cfg.data.batch_size = 8
+    cfg.data.max_per_class = 16
+    cfg.model.channels = (8, 16, 32)  # 32 px -> 4x4 latent takes 3 downsamplings
+    cfg.model.latent_channels = 8
+    cfg.model.latent_size = 4
+    cfg.model.attention_resolutions = (8,)
+    cfg.model.norm_groups = 4
+    cfg.train.phase1.epochs = 1
+    cfg.train.phase2.epochs = 1
+    cfg.train.phase2.beta_anneal_epochs = 1
+    cfg.train.sample_every = 1
+    cfg.train.n_samples = 16
+    return cfg
+
+
+PRESETS = {"seed": _seed, "quick": _quick, "smoke": _smoke}
+
+
+def get_preset(name: str) -> Config:
+    """A fresh, validated copy of the named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]().validate()
+
+
+# ---- dataclass <-> dict helpers -----------------------------------------------------------
+
+def _from_dict(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a JSON object, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
+    obj = cls()
+    for name, value in d.items():
+        setattr(obj, name, _coerce(hints[name], value, prefix + name))
+    return obj
+
+
+def _coerce(tp, value, name: str):
+    """Convert a JSON (or command-line string) value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, prefix=name + ".")
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(inner, value, name)
+    if origin in (tuple, Tuple):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = json.loads(text)
+            else:
+                value = [v for v in text.strip("()").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list like [32, 64], got {value!r}")
+        return tuple(_coerce(args[0], v, name) for v in value)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. data.image_size=64")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _set_path(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            where = ".".join(parts[:i]) or "config"
+            valid = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else ""
+            raise ConfigError(f"unknown config key {key!r}: {where} has no field {part!r} (valid: {valid})")
+        if i == len(parts) - 1:
+            tp = typing.get_type_hints(type(obj))[part]
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{key} is a section; set one of its fields, e.g. {key}.epochs=3")
+            setattr(obj, part, _coerce(tp, value, key))
+        else:
+            obj = getattr(obj, part)
