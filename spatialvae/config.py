@@ -49,6 +49,7 @@ class ModelConfig:
     attention_heads: int = 1  # one head is what the recipe describes
     norm_groups: int = 8  # GroupNorm groups: batch-size independent, unlike BatchNorm
     flat_latent_dim: int = 256  # only for architecture=original: its flattened latent
+    upsample: str = "bilinear"  # bilinear | transposed: bilinear avoids checkerboards; transposed is the ablation
 
 
 @dataclass
@@ -180,6 +181,7 @@ class Config:
         _check(m.attention_heads >= 1, "model.attention_heads", m.attention_heads, "at least 1")
         _check(m.norm_groups >= 1, "model.norm_groups", m.norm_groups, "at least 1")
         _check(m.flat_latent_dim >= 1, "model.flat_latent_dim", m.flat_latent_dim, "at least 1")
+        _check(m.upsample in ("bilinear", "transposed"), "model.upsample", m.upsample, "bilinear or transposed")
         _check(lo.recon in ("l1", "mse"), "loss.recon", lo.recon, "l1 or mse")
         for name in ("recon_weight", "perceptual_weight", "ssim_weight"):
             _check(getattr(lo, name) >= 0, f"loss.{name}", getattr(lo, name), "0 or more")
@@ -255,7 +257,22 @@ def _smoke() -> Config:
     return cfg
 
 
-PRESETS = {"seed": _seed, "quick": _quick, "smoke": _smoke}
+def _original() -> Config:
+    # The recipe's flat-latent baseline, for comparison: BatchNorm/LeakyReLU/ConvTranspose2d with a
+    # 256-d latent, MSE only, a constant beta of 0.5 from the first epoch, one phase as long as the
+    # seed's two together (50 + 100 = 150 epochs) so curves line up epoch for epoch.
+    cfg = Config(preset="original")
+    cfg.model.architecture = "original"
+    cfg.loss.recon = "mse"
+    cfg.loss.perceptual_weight = 0.0
+    cfg.loss.ssim_weight = 0.0
+    cfg.train.phase1.epochs = 0
+    cfg.train.phase2 = PhaseConfig(epochs=150, lr=1e-4, scheduler="plateau",
+                                   beta_start=0.5, beta_end=0.5, beta_anneal_epochs=0)
+    return cfg
+
+
+PRESETS = {"seed": _seed, "quick": _quick, "smoke": _smoke, "original": _original}
 
 
 def get_preset(name: str) -> Config:
@@ -267,17 +284,22 @@ def get_preset(name: str) -> Config:
 
 # ---- dataclass <-> dict helpers -----------------------------------------------------------
 
-def _from_dict(cls, d: dict, prefix: str):
+def _from_dict(cls, d: dict, prefix: str, base=None):
+    """Build ``cls`` from a dict; keys not given keep ``base``'s values (the parent's defaults)."""
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a JSON object, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
-    obj = cls()
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}")
+    obj = copy.deepcopy(base) if base is not None else cls()
     for name, value in d.items():
-        setattr(obj, name, _coerce(hints[name], value, prefix + name))
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):  # nested section: start from this field's own default
+            setattr(obj, name, _from_dict(tp, value, prefix + name + ".", base=getattr(obj, name)))
+        else:
+            setattr(obj, name, _coerce(tp, value, prefix + name))
     return obj
 
 
