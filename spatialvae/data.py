@@ -317,7 +317,21 @@ def _process_file(args: tuple[str, int, float, int]):
         gray, size, mode = decode_grayscale(path, _work_size(image_size))
         return preprocess(gray, image_size, clip, tiles), size, mode, None
     except Exception as e:  # noqa: BLE001 - any failure means "unreadable", reported per file
-        return None, (0, 0), "", f"{type(e).__name__}: {e}".splitlines()[0][:200] or type(e).__name__
+        return None, (0, 0), "", _unreadable_reason(path, e)
+
+
+def _unreadable_reason(path: str, e: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        return "file disappeared or cannot be read"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image (content is no known image format)"
+    text = str(e).replace(path, "<file>").splitlines()
+    return f"{type(e).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
 
 
 def _default_workers() -> int:

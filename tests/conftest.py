@@ -41,6 +41,10 @@ TRAIN_PNEUMONIA = ["person1_bacteria_1.jpeg", "person1_bacteria_2.jpeg", "person
 
 @pytest.fixture
 def kaggle_tree(tmp_path: Path) -> dict:
+    return make_kaggle_tree(tmp_path)
+
+
+def make_kaggle_tree(tmp_path: Path) -> dict:
     """``tmp/input/chest-xray-pneumonia/chest_xray/...`` laid out like the Kaggle archive.
 
     Readable: train 8 NORMAL (incl. 16-bit PNG, RGBA PNG, CMYK JPEG, an RGB JPEG, a 400x300 and a
