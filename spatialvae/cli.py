@@ -108,6 +108,128 @@ def _print_data_report(r: dict) -> None:
           f"({pp['images_per_second']} images/s)")
 
 
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group; returns (rank, world, device)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), world, torch.device("cpu")
+
+
+def _load_train_config(args: argparse.Namespace):
+    from pathlib import Path
+
+    from .config import Config, get_preset
+    from .errors import ConfigError
+
+    if args.resume:
+        if args.config or args.preset:
+            raise ConfigError("--resume continues a run with its own config.json; drop --preset/--config "
+                              "(use --set to change e.g. train.phase2.epochs)")
+        cfg_path = Path(args.resume) / "config.json"
+        if not cfg_path.is_file():
+            raise ConfigError(f"{args.resume} is not a run folder (no config.json); pass the folder that "
+                              "`train` created, e.g. runs/003-seed")
+        cfg = Config.from_json(cfg_path)
+    elif args.config:
+        cfg = Config.from_json(args.config)
+    else:
+        cfg = get_preset(args.preset or "seed")
+    cfg = cfg.with_overrides(args.set or [])
+    if args.data:
+        cfg.data.root = args.data
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train both phases into a numbered run folder (or continue one with --resume)."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from .data import make_datasets
+    from .losses import build_loss
+    from .model import build_model
+    from .training import Trainer, create_run_dir, make_logger, seed_everything
+
+    cfg = _load_train_config(args)
+    rank, world, device = _init_distributed()
+    try:
+        seed_everything(cfg.train.seed)
+        # Rank 0 decodes (all cores) and writes the cache; the others then read it.
+        if rank == 0:
+            splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=not args.quiet)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=False)
+        model = build_model(cfg)
+        loss = build_loss(cfg)
+        if args.resume:
+            run_dir = Path(args.resume)
+        elif rank == 0:
+            run_dir = create_run_dir(args.out, cfg.preset if not args.name else args.name)
+        if world > 1 and not args.resume:
+            box = [str(run_dir) if rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            run_dir = Path(box[0])
+        log = make_logger(run_dir if rank == 0 else None)
+        trainer = Trainer(model, loss, splits.train, splits.val, cfg, run_dir=run_dir, device=device,
+                          progress=not args.quiet, log=log)
+        if args.resume:
+            trainer.load(run_dir / "checkpoints" / "last.pt")
+            log.info(f"resumed {run_dir} at epoch {trainer.epoch + 1}")
+        t0 = time.perf_counter()
+        history = trainer.fit()
+        if rank == 0:
+            best = min((h["val_select"] for h in history if "val_select" in h), default=float("nan"))
+            log.info(f"done: {run_dir} | {len(history)} epochs, best val loss (final beta) {best:.4f} | "
+                     f"{time.perf_counter() - t0:.0f} s this session")
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Prior samples from a run's checkpoint as one PNG grid."""
+    from pathlib import Path
+
+    import torch
+
+    from .model import build_model
+    from .training import check_compatible, config_from_checkpoint, load_checkpoint
+    from .viz import image_grid, save_png
+
+    path = Path(args.run) / "checkpoints" / f"{args.checkpoint}.pt"
+    ckpt = load_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt)
+    check_compatible(cfg, cfg, path)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        from .errors import CheckpointError
+        raise CheckpointError(f"checkpoint {path} does not fit its own config ({str(e).splitlines()[0]})") from None
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    images = model.sample(args.n, generator=gen)
+    out = save_png(image_grid(images, nrow=int(max(1, round(args.n ** 0.5)))), args.out)
+    print(f"wrote {args.n} prior samples from {path} (epoch {ckpt['epoch']}) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spatialvae", description="Spatial-latent VAE for chest X-rays (see README.md).")
@@ -118,6 +240,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train both phases into a numbered run folder")
+    p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
+    p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
+    p.add_argument("--preset", choices=("seed", "quick", "smoke", "original"), default=None,
+                   help="starting config (default: seed)")
+    p.add_argument("--config", metavar="FILE.json", default=None, help="start from a JSON config instead")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a config value, e.g. --set train.phase1.epochs=3 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue this run from checkpoints/last.pt")
+    p.add_argument("--name", default=None, help="run folder suffix (default: the preset name)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (summary lines only)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw prior samples from a trained run")
+    p.add_argument("--run", metavar="RUN_DIR", required=True)
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--out", metavar="FILE.png", required=True)
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
     return parser
 
 

@@ -1,0 +1,316 @@
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from spatialvae.config import get_preset
+from spatialvae.errors import CheckpointError
+from spatialvae.losses import build_loss
+from spatialvae.model import build_model
+from spatialvae.training import (Trainer, TrainingDivergedError, atomic_torch_save, create_run_dir,
+                                 final_beta, get_beta, load_checkpoint, phase_at, read_history_csv,
+                                 seed_everything)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TinyXRays(Dataset):
+    """Deterministic smooth images with a per-epoch flip, like ChestXRayDataset."""
+
+    def __init__(self, n: int = 24, size: int = 32, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.rand(n, 1, size // 8, size // 8, generator=g)
+        self.x = torch.nn.functional.interpolate(base, size=(size, size), mode="bilinear", align_corners=False)
+        self.flips = torch.zeros(n, dtype=torch.bool)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.flips = torch.rand(len(self.x), generator=torch.Generator().manual_seed(epoch)) < 0.5
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        return (x.flip(-1) if self.flips[i] else x), 0
+
+
+def smoke_cfg(**overrides):
+    cfg = get_preset("smoke").with_overrides({"loss.perceptual_weight": 0, **overrides})
+    cfg.data.batch_size = 8
+    return cfg
+
+
+def make_trainer(cfg, run_dir=None, train=None, val=None):
+    seed_everything(cfg.train.seed)
+    model, loss = build_model(cfg), build_loss(cfg)
+    return Trainer(model, loss, train or TinyXRays(), val or TinyXRays(8, seed=1), cfg, run_dir=run_dir,
+                   device="cpu", progress=False)
+
+
+# ---- schedules ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("epoch,beta", [(0, 0.0), (49, 0.0), (50, 0.0), (51, 2e-5), (75, 5e-4), (99, 9.8e-4),
+                                        (100, 1e-3), (149, 1e-3)])
+def test_get_beta_at_the_phase_boundaries_of_the_seed(epoch, beta):
+    assert get_beta(epoch, get_preset("seed").train) == pytest.approx(beta, abs=1e-12)
+
+
+def test_phase_at_and_final_beta():
+    t = get_preset("seed").train
+    assert phase_at(49, t)[:2] == (1, 49) and phase_at(50, t)[:2] == (2, 0) and phase_at(149, t)[:2] == (2, 99)
+    assert final_beta(t) == 1e-3
+    assert final_beta(get_preset("original").train) == 0.5
+
+
+def test_one_step_changes_the_weights():
+    tr = make_trainer(smoke_cfg())
+    before = {k: v.clone() for k, v in tr.raw_model.state_dict().items()}
+    tr._enter_phase(1)
+    tr.train_epoch()
+    after = tr.raw_model.state_dict()
+    changed = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    assert len(changed) > 0.9 * sum(v.is_floating_point() for v in before.values())
+
+
+def test_phase_switch_changes_lr_and_scheduler(tmp_path):
+    cfg = smoke_cfg()
+    tr = make_trainer(cfg, tmp_path / "run")
+    tr.fit()
+    h = tr.history
+    assert [r["phase"] for r in h] == [1, 2, 2]
+    assert h[0]["lr"] == cfg.train.phase1.lr and h[1]["lr"] == cfg.train.phase2.lr
+    assert [r["beta"] for r in h] == [0.0, 0.0, 1e-3]
+    assert type(tr.scheduler).__name__ == "ReduceLROnPlateau"
+    tr2 = make_trainer(cfg)
+    tr2._enter_phase(1)
+    assert type(tr2.scheduler).__name__ == "CosineAnnealingWarmRestarts"
+
+
+def test_run_folder_contents(tmp_path):
+    run = tmp_path / "run"
+    make_trainer(smoke_cfg(), run).fit()
+    assert (run / "config.json").is_file() and (run / "train.log").is_file()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png", "epoch_003.png"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    rows = read_history_csv(run / "history.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for key in ("phase", "beta", "lr", "train_recon", "train_ssim", "train_kl", "train_total", "val_total",
+                "val_select", "seconds", "images_per_s"):
+        assert key in rows[0]
+    assert "epoch   3/3 phase 2" in (run / "train.log").read_text()
+
+
+def test_create_run_dir_numbers_runs(tmp_path):
+    assert create_run_dir(tmp_path, "seed").name == "000-seed"
+    assert create_run_dir(tmp_path, "quick").name == "001-quick"
+    (tmp_path / "007-x").mkdir()
+    assert create_run_dir(tmp_path, "seed").name == "008-seed"
+
+
+# ---- checkpoints and resume -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3])  # mid cosine phase, at the phase boundary, mid plateau phase
+def test_resume_gives_the_same_weights_as_never_stopping(tmp_path, stop_after):
+    cfg = smoke_cfg(**{"train.phase1.epochs": 2, "train.phase2.epochs": 2, "train.phase1.cosine_t0": 3})
+    straight = make_trainer(cfg, tmp_path / "a")
+    straight.fit()
+
+    stopped = make_trainer(cfg, tmp_path / "b")
+    stopped.fit(until_epoch=stop_after)  # the session dies here; only the run folder survives
+    del stopped
+    resumed = make_trainer(cfg, tmp_path / "b")
+    resumed.load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert resumed.epoch == stop_after
+    resumed.fit()
+    sa, sb = straight.raw_model.state_dict(), resumed.raw_model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert straight.lr == resumed.lr
+    assert straight.optimizer.state_dict()["state"][0]["step"] == resumed.optimizer.state_dict()["state"][0]["step"]
+    assert [r["train_total"] for r in straight.history] == [r["train_total"] for r in resumed.history]
+    assert (tmp_path / "a" / "history.csv").read_text().count("\n") == (tmp_path / "b" / "history.csv").read_text().count("\n")
+
+
+def test_checkpoint_round_trip_and_config_inside(tmp_path):
+    tr = make_trainer(smoke_cfg())
+    tr._enter_phase(1)
+    tr.train_epoch()
+    tr.epoch = 1
+    path = tr.save(tmp_path / "c.pt")
+    ckpt = load_checkpoint(path)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["preset"] == "smoke"
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "history", "config"}
+    assert not any("vgg" in k.lower() or "perceptual" in k for k in ckpt["model"])
+    other = make_trainer(smoke_cfg()).load(path)
+    assert all(torch.equal(a, b) for a, b in zip(tr.raw_model.state_dict().values(),
+                                                 other.raw_model.state_dict().values()))
+
+
+def test_atomic_write_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"a": torch.ones(3)}, path)
+    good = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_torch_save({"a": torch.zeros(3)}, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_incompatible_corrupt_and_malicious_checkpoints_are_refused(tmp_path):
+    tr = make_trainer(smoke_cfg())
+    path = tr.save(tmp_path / "c.pt")
+    wider = smoke_cfg(**{"model.channels": (16, 16, 32)})
+    with pytest.raises(CheckpointError, match="model.channels"):
+        make_trainer(wider).load(path)
+    (tmp_path / "bad.pt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "bad.pt")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": Evil(), "config": {}}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+# ---- NaN guard ---------------------------------------------------------------------------------
+
+def test_nonfinite_loss_skips_steps_then_stops_without_touching_weights(tmp_path):
+    cfg = smoke_cfg(**{"train.max_nonfinite_steps": 2})
+    tr = make_trainer(cfg, tmp_path / "run")
+    before = {k: v.clone() for k, v in tr.raw_model.state_dict().items()}
+    real = tr.loss_fn.forward
+
+    def nan_loss(*a, **k):
+        total, parts = real(*a, **k)
+        return total * float("nan"), parts
+    tr.loss_fn.forward = nan_loss
+    with pytest.raises(TrainingDivergedError, match="2 steps in a row"):
+        tr.fit()
+    assert tr.nonfinite_total == 2
+    assert all(torch.equal(before[k], v) for k, v in tr.raw_model.state_dict().items())
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_single_nonfinite_step_is_skipped_and_training_goes_on():
+    tr = make_trainer(smoke_cfg())
+    real = tr.loss_fn.forward
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        total, parts = real(*a, **k)
+        return (total * float("inf") if calls["n"] == 1 else total), parts
+    tr.loss_fn.forward = flaky
+    tr._enter_phase(1)
+    out = tr.train_epoch()
+    assert tr.nonfinite_total == 1 and out["images"] == 16  # 3 batches of 8, the first skipped
+
+
+def test_save_refuses_nan_weights(tmp_path):
+    tr = make_trainer(smoke_cfg())
+    with torch.no_grad():
+        next(tr.raw_model.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingDivergedError, match="NaN"):
+        tr.save(tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_cpu_training_is_reproducible():
+    weights = []
+    for _ in range(2):
+        tr = make_trainer(smoke_cfg())  # seeds, builds, trains: nothing else touches the RNG
+        tr._enter_phase(1)
+        tr.train_epoch()
+        weights.append([p.detach().clone() for p in tr.raw_model.parameters()])
+    a, b = weights
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def _cli(*args, env=None, timeout=300):
+    e = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "spatialvae", *args], capture_output=True, text=True, cwd=REPO,
+                          env=e, timeout=timeout)
+
+
+def test_cli_smoke_run_leaves_the_full_run_folder_and_resumes(real_data_root, tmp_path):
+    r = _cli("train", "--preset", "smoke", "--data", str(real_data_root), "--out", str(tmp_path / "runs"),
+             "--set", "loss.vgg_weights=random", "--quiet")
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "runs" / "000-smoke"
+    assert "RANDOM VGG16 features" in r.stdout  # the opt-in is said, not hidden
+    for f in ("config.json", "history.csv", "train.log", "checkpoints/last.pt", "checkpoints/best.pt",
+              "samples/epoch_003.png"):
+        assert (run / f).is_file(), f
+    assert len(read_history_csv(run / "history.csv")) == 3
+    # Extend the finished run by one epoch with --resume: it continues at epoch 4.
+    r = _cli("train", "--resume", str(run), "--set", "train.phase2.epochs=3", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stdout and [h["epoch"] for h in read_history_csv(run / "history.csv")] == [1, 2, 3, 4]
+    r = _cli("sample", "--run", str(run), "--n", "9", "--out", str(tmp_path / "s.png"))
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+    assert Image.open(tmp_path / "s.png").size == (3 * 32 + 4 * 2, 3 * 32 + 4 * 2)
+    r = _cli("train", "--resume", str(run), "--set", "model.channels=8,16,16", "--quiet")
+    assert r.returncode == 2 and "incompatible config" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--preset", "smoke", "--set", "data.batch_size=0"], "data.batch_size=0 is invalid"),
+    (["train", "--preset", "smoke", "--set", "model.widths=3"], "unknown config key"),
+    (["train", "--resume", "/no/such/run"], "is not a run folder"),
+    (["sample", "--run", "/no/such/run", "--out", "x.png"], "no checkpoint"),
+])
+def test_cli_errors_are_one_line(args, message):
+    r = _cli(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_vgg_weights_is_a_clear_error(kaggle_tree, tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    from spatialvae.cli import main
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no internet")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    code = main(["train", "--preset", "smoke", "--data", str(kaggle_tree["root"]), "--out", str(tmp_path / "r"),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "perceptual_weight=0" in err and "vgg_weights" in err
+    assert not list((tmp_path / "r").glob("*/checkpoints/*.pt"))
+
+
+def test_two_process_gloo_run(real_data_root, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "spatialvae", "train", "--preset", "smoke", "--data", str(real_data_root), "--out", str(tmp_path / "runs"),
+           "--set", "loss.perceptual_weight=0", "--set", "data.batch_size=8", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert [p.name for p in runs] == ["000-smoke"]  # rank 0 alone created and wrote the run folder
+    rows = read_history_csv(runs[0] / "history.csv")
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert r.stdout.count("epoch   3/3") == 1  # one summary line per epoch, from rank 0
+    ckpt = load_checkpoint(runs[0] / "checkpoints" / "last.pt")
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model is saved
