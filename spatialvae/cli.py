@@ -160,13 +160,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .data import make_datasets
     from .losses import build_loss
-    from .model import build_model
-    from .training import Trainer, create_run_dir, make_logger, seed_everything
+    from .training import build_trainer, create_run_dir, make_logger
 
     cfg = _load_train_config(args)
     rank, world, device = _init_distributed()
     try:
-        seed_everything(cfg.train.seed)
         # Rank 0 decodes (all cores) and writes the cache; the others then read it.
         if rank == 0:
             splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=not args.quiet)
@@ -174,8 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             dist.barrier()
         if rank != 0:
             splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=False)
-        model = build_model(cfg)
-        loss = build_loss(cfg)
+        loss = build_loss(cfg)  # fails on missing VGG weights before a run folder is made
         if args.resume:
             run_dir = Path(args.resume)
         elif rank == 0:
@@ -185,11 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             dist.broadcast_object_list(box, src=0)
             run_dir = Path(box[0])
         log = make_logger(run_dir if rank == 0 else None)
-        trainer = Trainer(model, loss, splits.train, splits.val, cfg, run_dir=run_dir, device=device,
-                          progress=not args.quiet, log=log)
-        if args.resume:
-            trainer.load(run_dir / "checkpoints" / "last.pt")
-            log.info(f"resumed {run_dir} at epoch {trainer.epoch + 1}")
+        trainer = build_trainer(cfg, splits.train, splits.val, run_dir, device=device, progress=not args.quiet,
+                                log=log, resume=bool(args.resume), loss=loss)
         t0 = time.perf_counter()
         history = trainer.fit()
         if rank == 0:

@@ -603,3 +603,29 @@ def describe_run(tr: Trainer) -> str:
             f"{len(tr.train_data)} train / {len(tr.val_data) if tr.val_data is not None else 0} val images | "
             f"device {tr.device} x{tr.world_size}, {amp} | epochs {c.train.phase1.epochs} + {c.train.phase2.epochs} | "
             f"{perceptual_mode(c)}")
+
+
+def build_trainer(cfg: Config, train_data: Dataset, val_data: Optional[Dataset], run_dir: str | os.PathLike,
+                  device: str | torch.device | None = None, progress: bool = True,
+                  log: Optional[logging.Logger] = None, resume: bool | str = "auto",
+                  loss: Optional[nn.Module] = None) -> Trainer:
+    """Seed, build the model and loss, and a Trainer for ``run_dir``.
+
+    ``resume="auto"`` continues from ``run_dir/checkpoints/last.pt`` when it exists (so re-running
+    a notebook cell picks up where it stopped), ``True`` requires it, ``False`` starts fresh.
+    ``loss`` may be built beforehand (building it checks the VGG weights before any folder exists).
+    """
+    from .losses import build_loss
+    from .model import build_model
+
+    run_dir = Path(run_dir)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg)
+    loss = loss if loss is not None else build_loss(cfg)
+    trainer = Trainer(model, loss, train_data, val_data, cfg, run_dir=run_dir, device=device, progress=progress,
+                      log=log or make_logger(run_dir if _dist_info()[0] == 0 else None))
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume is True or (resume == "auto" and last.is_file()):
+        trainer.load(last)
+        trainer.log.info(f"resumed {run_dir} at epoch {trainer.epoch + 1} of {total_epochs(cfg.train)}")
+    return trainer

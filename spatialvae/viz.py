@@ -47,3 +47,107 @@ def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     save_image(image, tmp, format="png")
     os.replace(tmp, path)
     return path
+
+
+# ---- matplotlib figures (notebook and reports) -------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    if not os.environ.get("MPLBACKEND") and "ipykernel" not in __import__("sys").modules:
+        matplotlib.use("Agg")  # headless scripts and CI; notebooks keep their inline backend
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history: list[dict], path: str | os.PathLike | None = None):
+    """Loss curves: every part (train solid, val dashed), beta and lr; the phase boundary marked."""
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    parts = [k for k in ("total", "recon", "perceptual", "ssim", "kl")
+             if any(h.get(f"train_{k}", 0) for h in history)]
+    fig, axes = plt.subplots(1, len(parts) + 1, figsize=(3.2 * (len(parts) + 1), 3.0))
+    boundary = next((h["epoch"] - 0.5 for h in history if h["phase"] == 2), None)
+    for ax, k in zip(axes, parts):
+        ax.plot(epochs, [h[f"train_{k}"] for h in history], label="train")
+        if f"val_{k}" in history[0]:
+            ax.plot(epochs, [h[f"val_{k}"] for h in history], "--", label="val")
+        ax.set_title(k)
+        ax.set_xlabel("epoch")
+        if k == "kl":
+            ax.set_yscale("log")
+    ax = axes[-1]
+    ax.plot(epochs, [h["lr"] for h in history], color="tab:green", label="lr")
+    ax.set_ylabel("lr")
+    ax.set_xlabel("epoch")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h["beta"] for h in history], color="tab:red", label="beta")
+    ax2.set_ylabel("beta")
+    ax.set_title("lr (green), beta (red)")
+    for a in axes:
+        if boundary is not None:
+            a.axvline(boundary, color="gray", lw=0.8, ls=":")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("training history (dotted line: phase 1 | phase 2)", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def show_images(images: torch.Tensor, title: str = "", nrow: int = 8, path: str | os.PathLike | None = None,
+                scale: float = 1.2):
+    """A grid of (N, 1, H, W) images in [0, 1] as a matplotlib figure."""
+    plt = _plt()
+    grid = image_grid(images, nrow)[0].numpy()
+    rows = (len(images) + nrow - 1) // nrow
+    fig, ax = plt.subplots(figsize=(scale * min(nrow, len(images)), scale * rows + 0.4))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+    ax.set_title(title, fontsize=10)
+    ax.axis("off")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_intensity_histograms(before: list, after: list, path: str | os.PathLike | None = None):
+    """Pixel-intensity histograms of the same images without and with CLAHE (uint8 arrays)."""
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    bins = np.arange(257)
+    ax.hist(np.concatenate([b.ravel() for b in before]), bins=bins, alpha=0.6, density=True, label="resize only")
+    ax.hist(np.concatenate([a.ravel() for a in after]), bins=bins, alpha=0.6, density=True, label="CLAHE + resize")
+    ax.set_xlabel("pixel value (0-255)")
+    ax.set_ylabel("density")
+    ax.set_title("intensity histograms")
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_class_balance(counts: dict, path: str | os.PathLike | None = None):
+    """Bars of NORMAL / PNEUMONIA per split (`counts` as in the data report)."""
+    import numpy as np
+
+    plt = _plt()
+    splits = list(counts)
+    x = np.arange(len(splits))
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for i, cls in enumerate(("NORMAL", "PNEUMONIA")):
+        vals = [counts[s][cls] for s in splits]
+        bars = ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, label=cls)
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(x, splits)
+    ax.set_ylabel("images")
+    ax.set_title("class balance")
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
