@@ -224,6 +224,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Reconstruction and sample metrics of a run on the test split -> RUN_DIR/metrics.json."""
+    from pathlib import Path
+
+    from .evaluate import evaluate_run, metrics_table
+
+    metrics = evaluate_run(args.run, data_root=args.data, checkpoint=args.checkpoint, n_samples=args.n,
+                           features_path=args.features, inception=args.inception, progress=not args.quiet,
+                           seed=args.seed)
+    print(metrics_table(metrics))
+    print(f"\nwrote {Path(args.run) / 'metrics.json'} ({metrics['seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spatialvae", description="Spatial-latent VAE for chest X-rays (see README.md).")
@@ -255,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="measure a run on the test split and write RUN_DIR/metrics.json")
+    p.add_argument("--run", metavar="RUN_DIR", required=True)
+    p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: the run's own)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a path to a .pt file")
+    p.add_argument("--n", type=int, default=None, help="images generated per sampler (default: test split size)")
+    p.add_argument("--inception", default="auto",
+                   help="auto (cache, else download), off, or a path to the FID Inception weights")
+    p.add_argument("--features", metavar="FILE.pt", default=None, help="domain feature extractor (reserved)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -286,7 +286,8 @@ def decode_grayscale(path: str, min_side: int = 0) -> tuple[np.ndarray, tuple[in
     return np.ascontiguousarray(gray), size, mode
 
 
-def preprocess(gray: np.ndarray, image_size: int, clahe_clip: float = 2.0, clahe_tiles: int = 8) -> np.ndarray:
+def preprocess(gray: np.ndarray, image_size: int, clahe_clip: float = 2.0, clahe_tiles: int = 8,
+               clahe: bool = True) -> np.ndarray:
     """Grayscale uint8 (H, W) -> CLAHE -> area-resize to (image_size, image_size) uint8.
 
     Order: CLAHE first, then resize (the recipe's order). CLAHE's 8x8 grid is relative to the
@@ -294,11 +295,13 @@ def preprocess(gray: np.ndarray, image_size: int, clahe_clip: float = 2.0, clahe
     downsample gives each tile's histogram thousands of pixels instead of 64-256, so the clip
     limit behaves as intended; the area resize then averages away the noise CLAHE amplified.
     The image is squashed to a square (not cropped) so both lung fields stay in view.
+    ``clahe=False`` gives the resize alone (for before/after comparisons).
     """
     import cv2
 
-    clahe = cv2.createCLAHE(clipLimit=float(clahe_clip), tileGridSize=(int(clahe_tiles), int(clahe_tiles)))
-    eq = clahe.apply(gray)
+    eq = gray
+    if clahe:
+        eq = cv2.createCLAHE(clipLimit=float(clahe_clip), tileGridSize=(int(clahe_tiles), int(clahe_tiles))).apply(gray)
     interp = cv2.INTER_AREA if min(eq.shape) >= image_size else cv2.INTER_CUBIC
     return cv2.resize(eq, (image_size, image_size), interpolation=interp)
 

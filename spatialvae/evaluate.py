@@ -1,0 +1,558 @@
+"""Evaluation of a trained run: reconstruction, sample quality, diversity, memorisation.
+
+``evaluate_run(run_dir)`` loads a checkpoint, rebuilds its config, model and data splits, and
+writes ``run_dir/metrics.json`` plus sample grids under ``run_dir/samples/eval_*.png``:
+
+* reconstruction of the test split (decoding the posterior mean): SSIM, PSNR, L1, overall and
+  per class;
+* sample quality for each sampler (``prior`` = N(0, I), ``aggregate_posterior`` = a Gaussian
+  fitted to the training posterior means, ``gmm`` = a Gaussian mixture on them): FID and KID
+  against the test split, with the train-vs-test value as the floor a perfect generator reaches;
+* diversity: mean pairwise MS-SSIM among samples (lower = more diverse; the test split's value
+  is the reference);
+* memorisation: each sample's pixel RMSE to its nearest training image (either orientation,
+  since training used horizontal flips), next to the same distance for test images.
+
+FID/KID use the standard Inception features (torch-fidelity's InceptionV3 port of the TF FID
+network, through torchmetrics). Without its weights (offline and not cached), the FID/KID
+fields are ``null`` and ``inception_unavailable`` says why; everything else still runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, SpatialVAEError, WeightsError
+from .sampling import (GaussianSampler, GMMSampler, PriorSampler, encode_dataset, eval_mode, generate, interpolate,
+                       save_grid, seeded_subset)
+
+PSNR_CAP_DB = 100.0  # PSNR of identical images is infinite; capped (MSE floor 1e-10) so means and JSON stay finite
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")  # torch-fidelity's URL_INCEPTION_V3
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # its name in the torch hub cache
+INCEPTION_FEATURES = 2048  # pool3 features, the standard FID layer
+DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation: a firewalled network fails instead of hanging
+SAMPLERS = ("prior", "aggregate_posterior", "gmm")
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image metrics (images (N, C, H, W) in [0, 1])
+# ---------------------------------------------------------------------------------------------
+
+def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error per image -> (N,)."""
+    return (a.float() - b.float()).abs().flatten(1).mean(1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image with data range 1 -> (N,), capped at PSNR_CAP_DB (identical images)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    per_image = peak_signal_noise_ratio(a.float(), b.float(), data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return per_image.clamp(max=PSNR_CAP_DB)
+
+
+def ssim_score(a: torch.Tensor, b: torch.Tensor, window: int = 11) -> torch.Tensor:
+    """SSIM per image (pytorch-msssim, data range 1, Gaussian window 11 shrunk to fit) -> (N,).
+
+    The same implementation as the training loss's SSIM term, so 1 - this equals the loss's
+    ``ssim`` part on the same images.
+    """
+    from pytorch_msssim import ssim
+
+    from .losses import ssim_window_for
+
+    win = ssim_window_for(min(a.shape[-2:]), window)
+    return ssim(a.float(), b.float(), data_range=1.0, size_average=False, win_size=win)
+
+
+def ms_ssim_window(side: int) -> int:
+    """Gaussian window for pytorch-msssim's MS-SSIM at this image side.
+
+    ``pytorch_msssim.ms_ssim`` asserts ``side > (win_size - 1) * 16`` (its 4 downsamplings),
+    whatever the weights, so the default window 11 needs more than 160 px. We keep the standard 5
+    scales and weights and shrink the window instead: the largest odd window <= 11 that fits, i.e.
+    7 at 128 px and 3 at 64 px. Below 33 px even 3 does not fit (see `pairwise_ms_ssim`).
+    """
+    for win in range(11, 2, -2):
+        if side > (win - 1) * 16:
+            return win
+    return 3
+
+
+def _ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MS-SSIM per image pair -> (N,). Images under 33 px are upsampled to 33 px first (bilinear),
+    the smallest side where the 3-px window fits: only smoke-sized runs hit this."""
+    from pytorch_msssim import ms_ssim
+
+    side = min(a.shape[-2:])
+    if side <= 32:
+        a = F.interpolate(a, size=(33, 33), mode="bilinear", align_corners=False)
+        b = F.interpolate(b, size=(33, 33), mode="bilinear", align_corners=False)
+        side = 33
+    return ms_ssim(a.float(), b.float(), data_range=1.0, size_average=False, win_size=ms_ssim_window(side))
+
+
+def pairwise_ms_ssim(images: torch.Tensor, max_images: int = 50, seed: int = 0, chunk: int = 256) -> dict:
+    """Mean MS-SSIM over all pairs of up to ``max_images`` images (a seeded subset).
+
+    A diversity measure: 1 means every image is the same; lower is more diverse.
+    """
+    idx = seeded_subset(len(images), max_images, seed)
+    x = images[idx].float()  # (k, C, H, W)
+    i, j = torch.triu_indices(len(x), len(x), offset=1)  # every unordered pair once
+    if len(i) == 0:
+        return {"mean": None, "n_images": len(x), "n_pairs": 0}
+    vals = torch.cat([_ms_ssim(x[i[s:s + chunk]], x[j[s:s + chunk]]) for s in range(0, len(i), chunk)])
+    return {"mean": float(vals.mean()), "std": float(vals.std()) if len(vals) > 1 else 0.0,
+            "n_images": len(x), "n_pairs": len(vals), "win_size": ms_ssim_window(max(33, min(x.shape[-2:])))}
+
+
+def _as_float_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) / (N, 1, H, W) or float images -> float32 (N, 1, H, W) in [0, 1]."""
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+@torch.no_grad()
+def nearest_neighbour(queries: torch.Tensor, reference: torch.Tensor, flips: bool = True,
+                      query_chunk: int = 256, ref_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel RMSE from each query image to its nearest reference image -> (distance (M,), index (M,)).
+
+    ``reference`` may be the uint8 ``dataset.images`` (N, H, W): it is converted a chunk at a
+    time, so memory stays at a (query_chunk x ref_chunk) distance block. With ``flips`` the
+    mirrored query is compared too (training flipped images horizontally, so a mirrored copy of
+    a training image is memorisation as well). The nearest neighbour is found with the fast
+    ||q||^2 + ||r||^2 - 2 q.r expansion; its distance is then recomputed exactly (so a query
+    that is in the reference set gets exactly 0).
+    """
+    q_all = _as_float_images(queries)  # (M, 1, H, W)
+    n_ref = len(reference)
+    best_d2 = torch.full((len(q_all),), math.inf)
+    best_i = torch.zeros(len(q_all), dtype=torch.long)
+    best_flip = torch.zeros(len(q_all), dtype=torch.bool)
+    for qs in range(0, len(q_all), query_chunk):
+        q = q_all[qs:qs + query_chunk]
+        variants = [q.flatten(1)] + ([q.flip(-1).flatten(1)] if flips else [])  # each (m, D)
+        norms = [v.pow(2).sum(1, keepdim=True) for v in variants]  # each (m, 1)
+        sl = slice(qs, qs + len(q))
+        for rs in range(0, n_ref, ref_chunk):
+            r = _as_float_images(reference[rs:rs + ref_chunk]).flatten(1)  # (n, D)
+            r2 = r.pow(2).sum(1)  # (n,)
+            for flipped, (v, v2) in enumerate(zip(variants, norms)):
+                d, i = (v2 + r2 - 2 * v @ r.T).min(1)  # squared distances (m, n) -> nearest (m,)
+                better = d < best_d2[sl]
+                best_d2[sl] = torch.where(better, d, best_d2[sl])
+                best_i[sl] = torch.where(better, i + rs, best_i[sl])
+                best_flip[sl] = torch.where(better, torch.tensor(bool(flipped)), best_flip[sl])
+    nearest = _as_float_images(reference[best_i])  # (M, 1, H, W)
+    q_used = torch.where(best_flip.view(-1, 1, 1, 1), q_all.flip(-1), q_all)
+    dist = (q_used - nearest).pow(2).flatten(1).mean(1).sqrt()  # exact RMSE, (M,)
+    return dist, best_i
+
+
+def summarize(values: torch.Tensor) -> dict:
+    v = values.double()
+    return {"mean": float(v.mean()), "median": float(v.median()), "min": float(v.min()), "max": float(v.max())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception features, FID and KID
+# ---------------------------------------------------------------------------------------------
+
+def inception_cache_path() -> Path:
+    """Where torch hub (and so torch-fidelity) keeps the FID Inception weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def _reason(e: BaseException) -> str:
+    from .losses import _reason as one_line
+
+    return one_line(e)
+
+
+def _download_inception(dst: Path) -> None:
+    """Download the weights into the hub cache, hash-checked, with a socket timeout.
+
+    torch hub's own download has no timeout, so on a network that drops packets it would hang;
+    the default socket timeout bounds every connect/read instead (and is restored afterwards).
+    Offline with no DNS (this machine, Kaggle with internet off) it fails in well under a second.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        # The file name carries the first 8 hex digits of its SHA-256, torch hub's convention.
+        torch.hub.download_url_to_file(INCEPTION_URL, str(dst), hash_prefix=INCEPTION_FILE.rsplit("-", 1)[1][:8],
+                                       progress=False)
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def load_inception(spec: str = "auto") -> tuple[Optional[nn.Module], Optional[str], Optional[str]]:
+    """The FID InceptionV3 feature extractor -> (module or None, weights path, reason if None).
+
+    spec: "off" (skip), "auto" (the torch hub cache, downloaded there if missing; a failure is
+    reported, not raised), or a path to ``weights-inception-2015-12-05-6726825d.pth`` (a failure
+    raises WeightsError: an explicit file that cannot be used is a user error). The file is first
+    read with ``torch.load(weights_only=True)``, so nothing in it is executed, before
+    torch-fidelity loads it.
+    """
+    if spec == "off":
+        return None, None, "skipped (inception='off')"
+    explicit = spec != "auto"
+    path = Path(os.path.expandvars(spec)).expanduser() if explicit else inception_cache_path()
+    fix = (f"put {INCEPTION_FILE} in {path.parent} ($TORCH_HOME/hub/checkpoints) or pass "
+           "inception=PATH (e.g. a Kaggle dataset), or turn internet on")
+    if explicit and not path.is_file():
+        raise WeightsError(f"inception={spec!r} is not a file; pass the path of {INCEPTION_FILE}, 'auto' or 'off'")
+    if not path.is_file():
+        t0 = time.perf_counter()
+        try:
+            _download_inception(path)
+        except Exception as e:  # URLError, timeout, hash mismatch, ...
+            return None, None, (f"Inception weights not cached at {path} and the download failed after "
+                                f"{time.perf_counter() - t0:.2f} s ({_reason(e)}); {fix}")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
+                                 feature_extractor_weights_path=str(path))
+    except Exception as e:  # corrupt/truncated file, torch-fidelity missing, ...
+        if explicit:
+            raise WeightsError(f"cannot use Inception weights {path} ({_reason(e)}); {fix}") from e
+        return None, None, f"cannot use Inception weights {path} ({_reason(e)}); {fix}"
+    return net, str(path), None
+
+
+@torch.no_grad()
+def inception_features(net: nn.Module, images: torch.Tensor, batch_size: int = 64,
+                       device: torch.device | str = "cpu", progress: bool = False, desc: str = "inception") -> torch.Tensor:
+    """Images (N, 1, H, W) in [0, 1] (or uint8 (N, H, W)) -> pool3 features (N, 2048) on the CPU.
+
+    Exactly what torchmetrics' FID/KID do with ``normalize=True`` (``(x * 255).byte()``), with
+    the grayscale channel repeated to RGB; torch-fidelity resizes to 299 px inside.
+    """
+    from tqdm.std import tqdm
+
+    net = net.to(device)
+    out = []
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False, file=sys.stderr):
+        x = _as_float_images(images[s:s + batch_size])  # (B, 1, H, W)
+        x = (x.clamp(0, 1) * 255).byte().repeat(1, 3, 1, 1)  # (B, 3, H, W) uint8
+        out.append(net(x.to(device)).double().cpu())  # (B, 2048)
+    return torch.cat(out)
+
+
+class _Precomputed(nn.Identity):
+    """A 'feature extractor' that passes features through, so torchmetrics computes FID/KID from
+    features extracted once per image set (the test features serve every comparison)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, kid_subsets: int = 100) -> dict:
+    """FID and KID (torchmetrics) between two feature sets (N, D) and (M, D).
+
+    KID uses subsets of min(1000, N, M) (torchmetrics' default 1000 exceeds the 624 test images)
+    drawn under a fixed seed, without touching the global RNG.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    d = real.shape[1]
+    fid = FrechetInceptionDistance(feature=_Precomputed(d))
+    fid.update(real.double(), real=True)
+    fid.update(fake.double(), real=False)
+    with warnings.catch_warnings():  # "will save all extracted features": 2 x 624 x 2048 doubles is 20 MB
+        warnings.filterwarnings("ignore", message=".*save all extracted features.*")
+        kid = KernelInceptionDistance(feature=_Precomputed(d), subsets=kid_subsets,
+                                      subset_size=min(1000, len(real), len(fake)))
+    kid.update(real.double(), real=True)
+    kid.update(fake.double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of evaluate_run
+# ---------------------------------------------------------------------------------------------
+
+def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+    if checkpoint in ("best", "last"):
+        return run_dir / "checkpoints" / f"{checkpoint}.pt"
+    return Path(checkpoint)
+
+
+def _load_model(path: Path, device: torch.device):
+    from .model import build_model
+    from .training import config_from_checkpoint, load_checkpoint
+
+    ckpt = load_checkpoint(path)  # weights_only: nothing in the file is executed
+    cfg = config_from_checkpoint(ckpt)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit its own config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg, ckpt
+
+
+@torch.no_grad()
+def reconstruction_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                           batch_size: int = 64) -> tuple[dict, torch.Tensor]:
+    """SSIM / PSNR / L1 of decoded posterior means, overall and per class -> (dict, recons)."""
+    device = next(model.parameters()).device
+    per = {"ssim": [], "psnr_db": [], "l1": []}
+    recons = []
+    with eval_mode(model):
+        for s in range(0, len(images), batch_size):
+            x = _as_float_images(images[s:s + batch_size])  # (B, 1, H, W)
+            mu, _ = model.encode(x.to(device))
+            r = model.decode(mu).float().clamp(0, 1).cpu()  # (B, 1, H, W)
+            per["ssim"].append(ssim_score(r, x))
+            per["psnr_db"].append(psnr(r, x))
+            per["l1"].append(l1(r, x))
+            recons.append(r)
+    per = {k: torch.cat(v) for k, v in per.items()}
+
+    def block(mask: torch.Tensor) -> dict:
+        return {"n": int(mask.sum()), **{k: (float(v[mask].mean()) if mask.any() else None) for k, v in per.items()}}
+
+    out = {"overall": block(torch.ones(len(labels), dtype=torch.bool))}
+    for c, name in enumerate(CLASS_NAMES):
+        out[name] = block(labels == c)
+    return out, torch.cat(recons)
+
+
+def _seeded_class_indices(labels: torch.Tensor, cls: int, k: int, g: torch.Generator) -> torch.Tensor:
+    idx = (labels == cls).nonzero().flatten()
+    return idx[torch.randperm(len(idx), generator=g)[:k]]
+
+
+def _class_balanced_indices(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Up to k indices, half from each class when possible (for the picture grids)."""
+    g = torch.Generator().manual_seed(seed)
+    got = torch.cat([_seeded_class_indices(labels, c, k // 2, g) for c in range(len(CLASS_NAMES))])
+    if len(got) < k:  # a class is short: fill from the other images
+        taken = set(got.tolist())
+        rest = torch.tensor([i for i in range(len(labels)) if i not in taken], dtype=torch.long)
+        got = torch.cat([got, rest[: k - len(got)]])
+    return got
+
+
+def _reconstruction_sheet(originals: torch.Tensor, recons: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """Rows of `nrow` originals alternating with rows of their reconstructions -> (2N, C, H, W)."""
+    rows = []
+    for s in range(0, len(originals), nrow):
+        rows += [originals[s:s + nrow], recons[s:s + nrow]]
+    return torch.cat(rows)
+
+
+def _interpolation_sheet(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int,
+                         n_pairs: int, seed: int) -> torch.Tensor:
+    """n_pairs rows of: a NORMAL original, `steps` decoded interpolants, a PNEUMONIA original."""
+    g = torch.Generator().manual_seed(seed)
+    a_idx = _seeded_class_indices(labels, 0, n_pairs, g).tolist()
+    b_idx = _seeded_class_indices(labels, 1, n_pairs, g).tolist()
+    if not a_idx or not b_idx:  # one class only: pair images within it
+        half = min(n_pairs, len(images) // 2)
+        a_idx, b_idx = list(range(half)), list(range(half, 2 * half))
+    rows = []
+    for a, b in zip(a_idx, b_idx):
+        xa, xb = _as_float_images(images[a:a + 1]), _as_float_images(images[b:b + 1])  # (1, 1, H, W) each
+        rows += [xa, interpolate(model, xa, xb, steps), xb]
+    return torch.cat(rows)  # (pairs * (steps + 2), 1, H, W)
+
+
+def _sample_metrics(images: torch.Tensor, train_images: torch.Tensor, seed: int) -> dict:
+    dist, _ = nearest_neighbour(images, train_images)
+    return {"ms_ssim_diversity": pairwise_ms_ssim(images, seed=seed), "nn_train_rmse": summarize(dist)}
+
+
+def _json_safe(x):
+    """NaN/inf -> None, tuples -> lists, so json.dumps(allow_nan=False) succeeds."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None, checkpoint: str = "best",
+                 n_samples: Optional[int] = None, features_path: str | os.PathLike | None = None,
+                 device: torch.device | str | None = None, batch_size: int = 64, progress: bool = True,
+                 inception: str = "auto", samplers: Sequence[str] = SAMPLERS, seed: int = 0) -> dict:
+    """Evaluate a run folder; writes ``run_dir/metrics.json`` (atomically) and returns its dict.
+
+    checkpoint: "best", "last" or a path to a .pt file. data_root: overrides the dataset folder
+    stored in the run's config (the splits, image size and preprocessing stay the run's).
+    n_samples: images generated per sampler (default: the size of the test split). inception:
+    "auto" | "off" | path to the FID Inception weights (see `load_inception`). samplers: any of
+    "prior", "aggregate_posterior", "gmm". features_path: reserved for a domain Fréchet distance
+    (next issue); must be None for now. seed: every random choice (samples, subsets, KID).
+    """
+    from .data import make_datasets
+    from .training import atomic_write_bytes, default_device, perceptual_mode
+
+    t_start = time.perf_counter()
+    if features_path is not None:
+        raise SpatialVAEError("--features is not supported yet (domain Fréchet distance lands in a later issue)")
+    unknown = sorted(set(samplers) - set(SAMPLERS))
+    if unknown:
+        raise SpatialVAEError(f"unknown sampler(s) {unknown}: choose from {', '.join(SAMPLERS)}")
+    run_dir = Path(run_dir)
+    device = torch.device(device) if device is not None else default_device()
+    ckpt_path = _checkpoint_path(run_dir, checkpoint)
+    model, cfg, ckpt = _load_model(ckpt_path, device)
+    # Before the data and the model work: an explicit weights file that cannot be used fails fast.
+    net, inception_weights, inception_reason = load_inception(inception)
+
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=progress)
+    train_u8, test_u8 = splits.train.images, splits.test.images  # (N, S, S) uint8, never flipped
+    test_labels = splits.test.labels
+    n_gen = int(n_samples) if n_samples is not None else len(test_u8)
+    if n_gen < 2:
+        raise SpatialVAEError(f"n_samples={n_gen}: need at least 2 generated images for the metrics")
+    out_dir = run_dir / "samples"
+    pictures: dict[str, str] = {}
+
+    # ---- reconstruction -------------------------------------------------------------------
+    recon, recons = reconstruction_metrics(model, test_u8, test_labels, batch_size)
+    pick = _class_balanced_indices(test_labels, 16, seed)
+    save_grid(_reconstruction_sheet(_as_float_images(test_u8[pick]), recons[pick]), out_dir / "eval_reconstructions.png")
+    pictures["reconstructions"] = "samples/eval_reconstructions.png"
+    save_grid(_interpolation_sheet(model, test_u8, test_labels, steps=8, n_pairs=4, seed=seed),
+              out_dir / "eval_interpolation.png", nrow=10)
+    pictures["interpolation"] = "samples/eval_interpolation.png"
+
+    # ---- references: what real images score ---------------------------------------------------
+    test_nn, _ = nearest_neighbour(test_u8, train_u8)
+    reference = {
+        "test_ms_ssim_diversity": pairwise_ms_ssim(_as_float_images(test_u8), seed=seed),
+        "test_nn_train_rmse": summarize(test_nn),
+    }
+    train_subset = seeded_subset(len(train_u8), n_gen, seed)
+    feats_test = None
+    if net is not None:
+        feats_test = inception_features(net, test_u8, batch_size, device, progress, "inception test")
+        feats_train = inception_features(net, train_u8[train_subset], batch_size, device, progress, "inception train")
+        reference["train_vs_test"] = {"n_train": len(train_subset), **fid_kid(feats_test, feats_train, seed)}
+    else:
+        reference["train_vs_test"] = {"n_train": len(train_subset), "fid": None, "kid_mean": None, "kid_std": None}
+
+    # ---- samplers -----------------------------------------------------------------------------
+    train_mu = None
+    if {"aggregate_posterior", "gmm"} & set(samplers):
+        splits.train.hflip = False  # the originals, as the test split is seen
+        splits.train.set_epoch(0)
+        train_mu = encode_dataset(model, splits.train, batch_size, device, progress)  # (N, *latent_shape)
+    results = {}
+    for name in samplers:
+        t0 = time.perf_counter()
+        sampler = {"prior": lambda: PriorSampler(model.latent_shape),
+                   "aggregate_posterior": lambda: GaussianSampler(),
+                   "gmm": lambda: GMMSampler(n_components=10, seed=seed)}[name]().fit(train_mu)
+        fit_seconds = time.perf_counter() - t0
+        images = generate(model, sampler, n_gen, torch.Generator().manual_seed(seed), batch_size)  # (n, 1, S, S)
+        save_grid(images[:64], out_dir / f"eval_{name}.png")
+        pictures[name] = f"samples/eval_{name}.png"
+        res = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2)}
+        if net is not None:
+            feats = inception_features(net, images, batch_size, device, progress, f"inception {name}")
+            res.update(fid_kid(feats_test, feats, seed))
+        else:
+            res.update({"fid": None, "kid_mean": None, "kid_std": None})
+        res.update(_sample_metrics(images, train_u8, seed))
+        results[name] = res
+
+    metrics = {
+        "run_dir": str(run_dir),
+        "checkpoint": {"path": str(ckpt_path), "epoch": int(ckpt.get("epoch", 0))},
+        "preset": cfg.preset,
+        "architecture": cfg.model.architecture,
+        "image_size": cfg.data.image_size,
+        "latent_shape": list(model.latent_shape),
+        "perceptual_mode": perceptual_mode(cfg),
+        "device": str(device),
+        "data": {"root": str(splits.train.plan.root), "n_train": len(train_u8), "n_test": len(test_u8),
+                 "test_counts": splits.test.class_counts()},
+        "n_generated": n_gen,
+        "n_generated_note": ("images per sampler, " + ("the size of the test split (default)"
+                                                       if n_samples is None else "set by n_samples")),
+        "reconstruction": {"split": "test", "decoded": "posterior mean", **recon},
+        "inception": {"weights": inception_weights,
+                      "features": "InceptionV3 pool3 (2048), torch-fidelity weights via torchmetrics; "
+                                  "grayscale repeated to RGB, (x * 255).byte() as normalize=True does",
+                      "fid_note": "FID is biased upward at small N: compare runs only at equal N"},
+        "reference": reference,
+        "samplers": results,
+        "images": pictures,
+        "notes": {
+            "ms_ssim_diversity": "mean MS-SSIM over all pairs of a seeded subset of up to 50 images; lower = more "
+                                 "diverse; compare with reference.test_ms_ssim_diversity",
+            "nn_train_rmse": "pixel RMSE to the nearest training image (either orientation); samples much closer "
+                             "than reference.test_nn_train_rmse suggest memorisation",
+        },
+    }
+    if inception_reason is not None:
+        metrics["inception_unavailable"] = inception_reason
+    metrics["seconds"] = round(time.perf_counter() - t_start, 2)
+    metrics = _json_safe(metrics)
+    atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
+    return metrics
+
+
+def metrics_table(metrics: dict) -> str:
+    """The headline numbers of a metrics.json as two markdown tables (reconstruction, samples)."""
+    def f(v, fmt="{:.4f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    rec = metrics["reconstruction"]
+    lines = [f"checkpoint epoch {metrics['checkpoint']['epoch']} | {metrics['preset']} | "
+             f"{metrics['image_size']} px | {metrics['perceptual_mode']}", "",
+             "| test reconstruction | n | SSIM | PSNR (dB) | L1 |", "|---|---:|---:|---:|---:|"]
+    for group in ("overall", *CLASS_NAMES):
+        r = rec.get(group)
+        if r:
+            lines.append(f"| {group} | {r['n']} | {f(r['ssim'])} | {f(r['psnr_db'], '{:.2f}')} | {f(r['l1'])} |")
+    ref = metrics["reference"]
+    lines += ["", f"| samples ({metrics['n_generated']} per sampler) | FID | KID | MS-SSIM diversity | "
+                  "NN-train RMSE (mean / min) |", "|---|---:|---:|---:|---:|"]
+    for name, s in metrics["samplers"].items():
+        lines.append(f"| {name} | {f(s['fid'], '{:.1f}')} | {f(s['kid_mean'])} | {f(s['ms_ssim_diversity']['mean'])} | "
+                     f"{f(s['nn_train_rmse']['mean'])} / {f(s['nn_train_rmse']['min'])} |")
+    tv = ref["train_vs_test"]
+    lines.append(f"| real train vs test (floor) | {f(tv['fid'], '{:.1f}')} | {f(tv['kid_mean'])} | "
+                 f"{f(ref['test_ms_ssim_diversity']['mean'])} | {f(ref['test_nn_train_rmse']['mean'])} / "
+                 f"{f(ref['test_nn_train_rmse']['min'])} |")
+    if metrics.get("inception_unavailable"):
+        lines += ["", f"FID/KID not computed: {metrics['inception_unavailable']}"]
+    return "\n".join(lines)

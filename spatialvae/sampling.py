@@ -1,0 +1,278 @@
+"""Sampling: latent samplers, encoding a dataset, generation, interpolation, sample grids.
+
+A VAE trained with a small KL weight (beta up to 1e-3) does not make its aggregate posterior
+q(z) = E_x q(z|x) equal to the prior N(0, I), so decoding prior draws can land where the decoder
+has never been trained. Fitting a density to the training set's posterior means and sampling from
+it instead is the usual remedy ("ex-post density estimation", Ghosh et al. 2020). All samplers
+share one interface, fitted on posterior means ``mu`` of shape ``(N, *latent_shape)``::
+
+    sampler = GaussianSampler().fit(encode_dataset(model, train_set))
+    z = sampler.sample(64, generator=torch.Generator().manual_seed(0))   # (64, 64, 4, 4)
+    images = model.decode(z)                                             # (64, 1, 128, 128)
+
+pythae calls the two fitted samplers ``NormalSampler`` and ``GaussianMixtureSampler``. Sampling
+always uses torch with the caller's generator (sklearn only fits), so a seeded generator gives the
+same latents on every call and machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import SpatialVAEError
+from .viz import image_grid, save_png
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent samplers
+# ---------------------------------------------------------------------------------------------
+
+def _generator_device(generator: Optional[torch.Generator]) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _flatten_latents(latents: torch.Tensor, min_count: int = 2) -> torch.Tensor:
+    """(N, *latent_shape) -> (N, D) float64 on the CPU (covariances lose precision in fp32)."""
+    if latents.dim() < 2 or latents.shape[0] < min_count:
+        raise SpatialVAEError(f"need at least {min_count} latents of shape (N, *latent_shape) to fit a sampler, "
+                              f"got a tensor of shape {tuple(latents.shape)}")
+    x = latents.detach().flatten(1).to("cpu", torch.float64)
+    if not torch.isfinite(x).all():
+        raise SpatialVAEError("the latents contain NaN/inf; the checkpoint's encoder is broken")
+    return x
+
+
+def _cholesky_with_ridge(cov: torch.Tensor, ridge: float, tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Cholesky factor of cov + ridge * I, growing the ridge 10x until it succeeds.
+
+    With fewer latents than dimensions (1,024 for the seed) the sample covariance is singular;
+    the ridge makes it positive definite without visibly changing the samples.
+    """
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    for _ in range(tries):
+        L, info = torch.linalg.cholesky_ex(cov + ridge * eye)
+        if int(info) == 0:
+            return L, ridge
+        ridge *= 10.0
+    raise SpatialVAEError(f"covariance of the latents is not positive definite even with a ridge of {ridge:g}")
+
+
+class PriorSampler:
+    """The VAE prior N(0, I): what ``model.sample`` decodes. ``fit`` does nothing."""
+
+    name = "prior"
+
+    def __init__(self, latent_shape: Sequence[int]):
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+
+    def fit(self, latents: Optional[torch.Tensor] = None) -> "PriorSampler":
+        return self
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        # Same draw as model.sample(n, generator): the same seed gives the same images.
+        return torch.randn((n, *self.latent_shape), generator=generator, device=_generator_device(generator))
+
+    def describe(self) -> dict:
+        return {"kind": "N(0, I)"}
+
+
+class GaussianSampler:
+    """One Gaussian with full covariance over the flattened latent, fitted to posterior means.
+
+    pythae's ``NormalSampler``. ``fit`` stores the mean (D,) and the Cholesky factor L (D, D) of
+    the covariance plus a small ridge (``ridge`` times the mean per-dimension variance, grown
+    10x if needed); ``sample`` returns ``mean + L @ eps`` with eps ~ N(0, I) drawn by torch.
+    """
+
+    name = "aggregate_posterior"
+
+    def __init__(self, ridge: float = 1e-5):
+        self.ridge = ridge
+        self.latent_shape: tuple = ()
+        self.mean: Optional[torch.Tensor] = None
+        self.chol: Optional[torch.Tensor] = None
+        self.ridge_used = 0.0
+
+    def fit(self, latents: torch.Tensor) -> "GaussianSampler":
+        x = _flatten_latents(latents)  # (N, D)
+        self.latent_shape = tuple(latents.shape[1:])
+        self.mean = x.mean(0)  # (D,)
+        centred = x - self.mean
+        cov = centred.T @ centred / (x.shape[0] - 1)  # (D, D)
+        scale = float(cov.diagonal().mean()) or 1.0  # all-equal latents: fall back to an absolute ridge
+        self.chol, self.ridge_used = _cholesky_with_ridge(cov, self.ridge * scale)
+        return self
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.mean is None:
+            raise SpatialVAEError("GaussianSampler.sample called before fit(latents)")
+        device = _generator_device(generator)
+        eps = torch.randn((n, self.mean.numel()), generator=generator, device=device, dtype=torch.float64)
+        z = self.mean.to(device) + eps @ self.chol.to(device).T  # (n, D)
+        return z.float().view(n, *self.latent_shape)
+
+    def describe(self) -> dict:
+        return {"kind": "full-covariance Gaussian on posterior means", "dims": int(self.mean.numel()),
+                "ridge": self.ridge_used}
+
+
+class GMMSampler:
+    """A Gaussian mixture (full covariances) over the flattened posterior means.
+
+    pythae's ``GaussianMixtureSampler``. Fitted with scikit-learn's ``GaussianMixture`` (k-means
+    init, ``random_state=seed``); ``n_components`` is capped at N // 2 so tiny sets still fit.
+    ``reg_covar`` is added to every component's covariance diagonal, as a fraction of the
+    latents' mean per-dimension variance (sklearn's own ``reg_covar`` is absolute; scaling it
+    keeps the meaning for latents of any scale). It matters here: ~470 latents per component in
+    1,024 dimensions give singular covariances without it.
+
+    Sampling uses torch: a component by the mixture weights, then ``mean_k + L_k @ eps``.
+    """
+
+    name = "gmm"
+
+    def __init__(self, n_components: int = 10, seed: int = 0, reg_covar: float = 1e-4, max_iter: int = 100):
+        self.n_components = n_components
+        self.seed = seed
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.latent_shape: tuple = ()
+        self.gmm = None
+        self.weights: Optional[torch.Tensor] = None  # (K,)
+        self.means: Optional[torch.Tensor] = None  # (K, D)
+        self.chols: Optional[torch.Tensor] = None  # (K, D, D)
+
+    def fit(self, latents: torch.Tensor) -> "GMMSampler":
+        from sklearn.mixture import GaussianMixture
+
+        x = _flatten_latents(latents)  # (N, D)
+        self.latent_shape = tuple(latents.shape[1:])
+        k = max(1, min(self.n_components, x.shape[0] // 2))
+        scale = float(x.var(0).mean()) or 1.0
+        self.gmm = GaussianMixture(n_components=k, covariance_type="full", reg_covar=self.reg_covar * scale,
+                                   max_iter=self.max_iter, random_state=self.seed).fit(x.numpy())
+        self.weights = torch.from_numpy(self.gmm.weights_)
+        self.means = torch.from_numpy(self.gmm.means_)
+        # covariances_ already include reg_covar, so they are positive definite.
+        self.chols = torch.linalg.cholesky(torch.from_numpy(self.gmm.covariances_))
+        return self
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.gmm is None:
+            raise SpatialVAEError("GMMSampler.sample called before fit(latents)")
+        device = _generator_device(generator)
+        comp = torch.multinomial(self.weights.to(device), n, replacement=True, generator=generator)  # (n,)
+        eps = torch.randn((n, self.means.shape[1]), generator=generator, device=device, dtype=torch.float64)
+        z = torch.empty_like(eps)  # (n, D)
+        # One component at a time: gathering a (n, D, D) stack of factors would need gigabytes.
+        for c in comp.unique().tolist():
+            idx = comp == c
+            z[idx] = self.means[c].to(device) + eps[idx] @ self.chols[c].to(device).T
+        return z.float().view(n, *self.latent_shape)
+
+    def describe(self) -> dict:
+        return {"kind": "Gaussian mixture on posterior means (sklearn, full covariances)",
+                "n_components": int(self.gmm.n_components), "reg_covar": float(self.gmm.reg_covar),
+                "converged": bool(self.gmm.converged_), "n_iter": int(self.gmm.n_iter_)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding, generation, interpolation
+# ---------------------------------------------------------------------------------------------
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _images_of(batch) -> torch.Tensor:
+    """A DataLoader batch of (image, label) pairs, or of bare images -> the images."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+class eval_mode:
+    """``with eval_mode(model):`` runs in eval mode (BatchNorm running stats) and restores the mode."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+@torch.no_grad()
+def encode_dataset(model: nn.Module, dataset: Dataset | torch.Tensor, batch_size: int = 64,
+                   device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
+    """Posterior means of every image: ``(N, *latent_shape)`` float32 on the CPU.
+
+    ``dataset`` yields ``(image, label)`` (a ChestXRayDataset) or is an image tensor (N, 1, H, W).
+    The model runs in eval mode without gradients, on ``device`` (default: where it is).
+    """
+    from tqdm.std import tqdm
+
+    device = torch.device(device) if device is not None else _model_device(model)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    out = []
+    with eval_mode(model):
+        for batch in tqdm(loader, desc="encode", disable=not progress, leave=False, file=sys.stderr):
+            mu, _ = model.encode(_images_of(batch).to(device).float())  # (B, *latent_shape)
+            out.append(mu.float().cpu())
+    return torch.cat(out)  # (N, *latent_shape)
+
+
+@torch.no_grad()
+def decode_latents(model: nn.Module, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Decode latents in batches on the model's device -> (N, C, H, W) float32 in [0, 1] on the CPU."""
+    device = _model_device(model)
+    with eval_mode(model):
+        out = [model.decode(chunk.to(device)).float().clamp(0, 1).cpu() for chunk in z.split(batch_size)]
+    return torch.cat(out)
+
+
+def generate(model: nn.Module, sampler, n: int, generator: Optional[torch.Generator] = None,
+             batch_size: int = 64) -> torch.Tensor:
+    """n images decoded from ``sampler`` draws -> (n, C, H, W) in [0, 1] on the CPU."""
+    z = sampler.sample(n, generator=generator)  # (n, *latent_shape)
+    return decode_latents(model, z, batch_size)
+
+
+@torch.no_grad()
+def interpolate(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """Decode ``steps`` points on the straight line between the posterior means of two images.
+
+    x_a, x_b: (C, H, W) or (1, C, H, W) in [0, 1] -> (steps, C, H, W); the first and last images
+    are the reconstructions of x_a and x_b.
+    """
+    device = _model_device(model)
+    pair = torch.stack([x_a.reshape(x_a.shape[-3:]), x_b.reshape(x_b.shape[-3:])]).to(device).float()  # (2, C, H, W)
+    with eval_mode(model):
+        mu, _ = model.encode(pair)  # (2, *latent_shape)
+    t = torch.linspace(0.0, 1.0, steps, device=device).view(-1, *([1] * (mu.dim() - 1)))  # (steps, 1, ...)
+    z = (1 - t) * mu[0:1] + t * mu[1:2]  # (steps, *latent_shape)
+    return decode_latents(model, z)
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
+    """(N, C, H, W) in [0, 1] -> one PNG grid with white padding, written atomically."""
+    return save_png(image_grid(images, nrow=nrow), path)
+
+
+def seeded_subset(n_total: int, k: int, seed: int) -> torch.Tensor:
+    """k distinct indices of range(n_total) (all of them when k >= n_total), sorted, reproducible."""
+    if k >= n_total:
+        return torch.arange(n_total)
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+__all__ = ["PriorSampler", "GaussianSampler", "GMMSampler", "encode_dataset", "decode_latents", "generate",
+           "interpolate", "save_grid", "seeded_subset", "eval_mode"]

@@ -1,0 +1,243 @@
+"""Evaluation: metric helpers on known inputs, FID/KID plumbing on synthetic features, and
+`evaluate_run` end to end on a smoke run. No test downloads anything: TORCH_HOME points at an
+empty folder and every download raises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_kaggle_tree
+from spatialvae import evaluate as ev
+from spatialvae.config import get_preset
+from spatialvae.data import make_datasets
+from spatialvae.errors import SpatialVAEError, WeightsError
+from spatialvae.losses import build_loss
+from spatialvae.model import build_model
+from spatialvae.training import Trainer, seed_everything
+
+torch.set_num_threads(2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- metric helpers ------------------------------------------------------------------------------
+
+def images(n=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 0.1 + 0.8 * torch.rand(n, 1, size, size, generator=g)  # room for a +0.1 offset inside [0, 1]
+
+
+def test_identical_images_score_perfectly():
+    x = images()
+    assert torch.allclose(ev.ssim_score(x, x), torch.ones(4))
+    assert torch.equal(ev.l1(x, x), torch.zeros(4))
+    assert torch.equal(ev.psnr(x, x), torch.full((4,), ev.PSNR_CAP_DB))  # inf, capped for means and JSON
+
+
+def test_psnr_and_l1_of_a_constant_offset():
+    x = images()
+    # MSE = 0.01 with data range 1 -> 10 * log10(1 / 0.01) = 20 dB exactly.
+    assert torch.allclose(ev.psnr(x + 0.1, x), torch.full((4,), 20.0), atol=1e-4)
+    assert torch.allclose(ev.l1(x + 0.1, x), torch.full((4,), 0.1), atol=1e-6)
+    assert (ev.ssim_score(x + 0.1, x) < 1).all()
+
+
+@pytest.mark.parametrize("size,win", [(128, 7), (64, 3), (32, 3), (16, 3)])
+def test_pairwise_ms_ssim_works_at_small_sizes(size, win):
+    same = images(1, size).repeat(6, 1, 1, 1)
+    r = ev.pairwise_ms_ssim(same)
+    assert r["n_pairs"] == 15 and r["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert r["win_size"] == win and ev.ms_ssim_window(max(33, size)) == win
+    noise = ev.pairwise_ms_ssim(images(6, size, seed=1))
+    assert noise["mean"] < 0.9
+
+
+def test_pairwise_ms_ssim_uses_a_seeded_subset_of_at_most_50():
+    x = images(60, 16)
+    a = ev.pairwise_ms_ssim(x, seed=3)
+    assert a["n_images"] == 50 and a["n_pairs"] == 50 * 49 // 2
+    assert a == ev.pairwise_ms_ssim(x, seed=3)
+
+
+def test_nearest_neighbour_is_zero_for_training_images_in_either_orientation():
+    train = (torch.rand(40, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).round().byte()
+    as_float = train.unsqueeze(1).float() / 255
+    queries = torch.cat([as_float[[3, 17]], as_float[[25]].flip(-1), images(2, 16, seed=5)])
+    d, i = ev.nearest_neighbour(queries, train, query_chunk=2, ref_chunk=7)  # chunks that do not divide evenly
+    assert d[:3].tolist() == [0.0, 0.0, 0.0] and i[:3].tolist() == [3, 17, 25]
+    assert (d[3:] > 0.1).all()
+    d_noflip, _ = ev.nearest_neighbour(queries, train, flips=False)
+    assert d_noflip[2] > 0.1  # the mirrored copy only matches when flips are compared
+    expected = (queries[3:].flatten(1)[:, None] - as_float.flatten(1)[None]).pow(2).mean(-1).sqrt().min(1).values
+    assert torch.allclose(d_noflip[3:], expected, atol=1e-6)
+
+
+def test_fid_and_kid_on_known_features():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    same_dist = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    same = ev.fid_kid(real, same_dist)
+    assert same["fid"] < 1.0 and abs(same["kid_mean"]) < 0.05
+    # A shift of 1 in each of 16 dims with equal covariances: FID = |mu1 - mu2|^2 = 16.
+    shifted = ev.fid_kid(real, real + 1.0)
+    assert shifted["fid"] == pytest.approx(16.0, abs=1e-3) and shifted["kid_mean"] > 1.0
+    assert ev.fid_kid(real, same_dist, seed=1) == ev.fid_kid(real, same_dist, seed=1)  # KID subsets seeded
+
+
+def test_inception_features_feed_uint8_rgb():
+    seen = {}
+
+    class FakeNet(torch.nn.Module):
+        def forward(self, x):
+            seen["dtype"], seen["shape"] = x.dtype, tuple(x.shape)
+            return x.float().mean((2, 3))
+
+    x = torch.full((5, 1, 8, 8), 0.5)
+    f = ev.inception_features(FakeNet(), x, batch_size=2)
+    assert seen == {"dtype": torch.uint8, "shape": (1, 3, 8, 8)}  # the last batch of 5 in 2s
+    assert f.shape == (5, 3) and torch.allclose(f, torch.full((5, 3), 127.0, dtype=torch.float64))
+
+
+# ---- no downloads ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty torch hub and downloads that fail at once; counts the attempts."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    attempts = []
+
+    def refuse(url, *a, **k):
+        attempts.append(url)
+        raise urllib.error.URLError("downloads are blocked in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr("urllib.request.urlopen", refuse)
+    return attempts
+
+
+def test_load_inception_reports_missing_weights_without_raising(offline):
+    net, path, reason = ev.load_inception("auto")
+    assert net is None and path is None
+    assert ev.INCEPTION_FILE in reason and "download failed" in reason and "\n" not in reason
+    assert offline == [ev.INCEPTION_URL]
+    assert ev.load_inception("off") == (None, None, "skipped (inception='off')")
+    assert len(offline) == 1
+
+
+def test_explicit_inception_path_must_be_usable(offline, tmp_path):
+    with pytest.raises(WeightsError, match="not a file"):
+        ev.load_inception(str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot use Inception weights"):
+        ev.load_inception(str(bad))
+    assert offline == []
+
+
+# ---- evaluate_run ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """A smoke run (3 epochs of the smoke preset) on the tiny fake Kaggle tree: ~ 5 s."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    tree = make_kaggle_tree(tmp)
+    cfg = get_preset("smoke").with_overrides({"loss.perceptual_weight": 0, "data.root": str(tree["root"]),
+                                              "data.cache_dir": str(tmp / "cache"), "data.preprocess_workers": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tree's unreadable files
+        splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=False)
+    seed_everything(cfg.train.seed)
+    run = tmp / "runs" / "000-smoke"
+    Trainer(build_model(cfg), build_loss(cfg), splits.train, splits.val, cfg, run_dir=run, device="cpu",
+            progress=False).fit()
+    return run, tree
+
+
+def _evaluate(run, tree, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ev.evaluate_run(run, data_root=tree["root"], device="cpu", batch_size=8, progress=False, **kw)
+
+
+def test_evaluate_run_offline_writes_metrics_with_null_fid(smoke_run, offline):
+    run, tree = smoke_run
+    m = _evaluate(run, tree)
+    assert json.loads((run / "metrics.json").read_text()) == m
+    assert not list(run.glob(".*.tmp"))
+
+    assert "download failed" in m["inception_unavailable"] and ev.INCEPTION_FILE in m["inception_unavailable"]
+    assert len(offline) == 1  # one quick attempt, no retries
+    assert m["reference"]["train_vs_test"]["fid"] is None
+    assert set(m["samplers"]) == {"prior", "aggregate_posterior", "gmm"}
+    for name, s in m["samplers"].items():
+        assert s["fid"] is None and s["kid_mean"] is None and s["kid_std"] is None
+        assert 0 < s["ms_ssim_diversity"]["mean"] <= 1
+        nn = s["nn_train_rmse"]
+        assert 0 <= nn["min"] <= nn["median"] <= nn["max"] and nn["min"] <= nn["mean"] <= nn["max"]
+        assert (run / m["images"][name]).is_file()
+
+    test_counts = tree["readable"]["test"]
+    assert m["data"]["n_test"] == 6 and m["n_generated"] == 6 and "default" in m["n_generated_note"]
+    r = m["reconstruction"]
+    assert r["overall"]["n"] == 6 and r["NORMAL"]["n"] == test_counts["NORMAL"]
+    assert r["PNEUMONIA"]["n"] == test_counts["PNEUMONIA"]
+    assert 0 < r["overall"]["ssim"] <= 1 and 0 < r["overall"]["l1"] < 1 and r["overall"]["psnr_db"] > 0
+    assert m["reference"]["test_nn_train_rmse"]["min"] >= 0
+    for key in ("reconstructions", "interpolation"):
+        assert (run / m["images"][key]).is_file()
+    assert m["checkpoint"]["path"].endswith("best.pt") and m["checkpoint"]["epoch"] >= 1
+    assert m["preset"] == "smoke" and m["image_size"] == 32
+    assert m["perceptual_mode"].startswith("perceptual term OFF") and m["seconds"] > 0
+
+
+def test_evaluate_run_with_a_feature_network_fills_fid_and_kid(smoke_run, offline, monkeypatch):
+    """The FID/KID path with a tiny stand-in for Inception (the real one needs its weights)."""
+    class PooledPixels(torch.nn.Module):
+        def forward(self, x):  # (B, 3, H, W) uint8 -> (B, 12)
+            return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 2).flatten(1)
+
+    monkeypatch.setattr(ev, "load_inception", lambda spec: (PooledPixels(), "stand-in", None))
+    run, tree = smoke_run
+    m = _evaluate(run, tree, samplers=("prior", "aggregate_posterior"))
+    assert "inception_unavailable" not in m and m["inception"]["weights"] == "stand-in"
+    floor = m["reference"]["train_vs_test"]
+    assert floor["n_train"] == 6 and floor["fid"] >= 0 and floor["kid_std"] >= 0
+    for s in m["samplers"].values():
+        assert s["fid"] >= 0 and isinstance(s["kid_mean"], float)
+
+
+def test_evaluate_run_options(smoke_run, offline):
+    run, tree = smoke_run
+    m = _evaluate(run, tree, inception="off", checkpoint="last", n_samples=4, samplers=("prior",))
+    assert offline == []  # "off" never tries to download
+    assert m["inception_unavailable"] == "skipped (inception='off')"
+    assert m["n_generated"] == 4 and "n_samples" in m["n_generated_note"]
+    assert list(m["samplers"]) == ["prior"] and m["checkpoint"]["path"].endswith("last.pt")
+    with pytest.raises(SpatialVAEError, match="--features is not supported yet"):
+        _evaluate(run, tree, features_path="features.pt")
+    with pytest.raises(SpatialVAEError, match="unknown sampler"):
+        _evaluate(run, tree, samplers=("vamp",))
+
+
+def test_evaluate_run_on_real_data_smoke_run(real_data_root, tmp_path, offline):
+    """`train --preset smoke` on the real data (~10 s), then the evaluation."""
+    env = {**os.environ, "SPATIALVAE_CACHE": os.environ["SPATIALVAE_CACHE"], "TORCH_HOME": str(tmp_path / "th")}
+    r = subprocess.run([sys.executable, "-m", "spatialvae", "train", "--preset", "smoke", "--data",
+                        str(real_data_root), "--out", str(tmp_path / "runs"), "--set", "loss.perceptual_weight=0",
+                        "--set", "data.preprocess_workers=1", "--quiet"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    run = next((tmp_path / "runs").iterdir())
+    m = ev.evaluate_run(run, device="cpu", progress=False, samplers=("prior", "aggregate_posterior"))
+    assert m["inception_unavailable"] and m["samplers"]["prior"]["fid"] is None
+    assert m["n_generated"] == m["data"]["n_test"] == sum(m["data"]["test_counts"].values())
+    assert m["reconstruction"]["NORMAL"]["n"] > 0 and m["reconstruction"]["PNEUMONIA"]["n"] > 0
+    assert (run / "metrics.json").is_file() and (run / "samples" / "eval_aggregate_posterior.png").is_file()
