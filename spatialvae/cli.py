@@ -238,6 +238,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    """Train the chest X-ray feature extractor used for the domain Fréchet distance."""
+    from .features import build_features_file
+
+    info = build_features_file(args.data, args.out, image_size=args.image_size, epochs=args.epochs,
+                               max_per_class=args.max_per_class, seed=args.seed, progress=not args.quiet)
+    t, fl, sc = info["test"], info["floor"], info["sanity"]
+    print(f"test accuracy {t['accuracy']:.3f} (balanced {t['balanced_accuracy']:.3f}, sensitivity "
+          f"{t['sensitivity']:.3f}, specificity {t['specificity']:.3f}, n={t['n']}) after {info['train_seconds']:.0f} s")
+    print(f"floor: domain FD train vs test {fl['fd']:.3f} (KID {fl['kid_mean']:.4f}), "
+          f"{fl['n_train']} vs {fl['n_test']} images")
+    print("sanity check, FD to train images: " + ", ".join(f"{k} {sc[k]:.3f}" for k in sc["ranked"]))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spatialvae", description="Spatial-latent VAE for chest X-rays (see README.md).")
@@ -277,10 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="images generated per sampler (default: test split size)")
     p.add_argument("--inception", default="auto",
                    help="auto (cache, else download), off, or a path to the FID Inception weights")
-    p.add_argument("--features", metavar="FILE.pt", default=None, help="domain feature extractor (reserved)")
+    p.add_argument("--features", metavar="FILE.pt", default=None,
+                   help="X-ray feature extractor from the `features` command: adds domain FD/KID")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("features", help="train the chest X-ray feature extractor for the domain Fréchet distance")
+    p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
+    p.add_argument("--out", metavar="FILE.pt", required=True)
+    p.add_argument("--image-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 8)")
+    p.add_argument("--max-per-class", type=int, default=None, help="cap images per class and split (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_features)
     return parser
 
 

@@ -271,8 +271,9 @@ class _Precomputed(nn.Identity):
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, kid_subsets: int = 100) -> dict:
     """FID and KID (torchmetrics) between two feature sets (N, D) and (M, D).
 
-    KID uses subsets of min(1000, N, M) (torchmetrics' default 1000 exceeds the 624 test images)
-    drawn under a fixed seed, without touching the global RNG.
+    KID uses subsets of min(1000, N/2, M/2) images (torchmetrics' default 1000 exceeds the 624 test
+    images, and subsets as large as the set would all be the same, giving a std of 0), drawn under
+    a fixed seed, without touching the global RNG.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
@@ -284,7 +285,7 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, kid_subsets: 
     with warnings.catch_warnings():  # "will save all extracted features": 2 x 624 x 2048 doubles is 20 MB
         warnings.filterwarnings("ignore", message=".*save all extracted features.*")
         kid = KernelInceptionDistance(feature=_Precomputed(d), subsets=kid_subsets,
-                                      subset_size=min(1000, len(real), len(fake)))
+                                      subset_size=max(2, min(1000, len(real) // 2, len(fake) // 2)))
     kid.update(real.double(), real=True)
     kid.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):
@@ -414,15 +415,13 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     stored in the run's config (the splits, image size and preprocessing stay the run's).
     n_samples: images generated per sampler (default: the size of the test split). inception:
     "auto" | "off" | path to the FID Inception weights (see `load_inception`). samplers: any of
-    "prior", "aggregate_posterior", "gmm". features_path: reserved for a domain Fréchet distance
-    (next issue); must be None for now. seed: every random choice (samples, subsets, KID).
+    "prior", "aggregate_posterior", "gmm". features_path: a file from `python -m spatialvae features`:
+    adds the domain Fréchet distance and KID (per sampler and the train-vs-test floor). seed: every random choice (samples, subsets, KID).
     """
     from .data import make_datasets
     from .training import atomic_write_bytes, default_device, perceptual_mode
 
     t_start = time.perf_counter()
-    if features_path is not None:
-        raise SpatialVAEError("--features is not supported yet (domain Fréchet distance lands in a later issue)")
     unknown = sorted(set(samplers) - set(SAMPLERS))
     if unknown:
         raise SpatialVAEError(f"unknown sampler(s) {unknown}: choose from {', '.join(SAMPLERS)}")
@@ -431,6 +430,10 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     ckpt_path = _checkpoint_path(run_dir, checkpoint)
     model, cfg, ckpt = _load_model(ckpt_path, device)
     # Before the data and the model work: an explicit weights file that cannot be used fails fast.
+    domain_net = domain_info = None
+    if features_path is not None:
+        from .features import load_feature_net
+        domain_net, domain_info = load_feature_net(features_path)
     net, inception_weights, inception_reason = load_inception(inception)
 
     if data_root is not None:
@@ -468,6 +471,31 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     else:
         reference["train_vs_test"] = {"n_train": len(train_subset), "fid": None, "kid_mean": None, "kid_std": None}
 
+    domain = None
+    if domain_net is not None:
+        from .features import domain_fd_kid, extract_features, feature_dim_ok
+        size = domain_info["config"].image_size
+        dom_test = extract_features(domain_net, test_u8, size, device=device)
+        dom_train = extract_features(domain_net, train_u8[train_subset], size, device=device)
+        # The extractor is a classifier, so its features (and the FD) react strongly to the class mix.
+        # Two references: train vs test (what a perfect copy of the training distribution scores against
+        # the test split), and two disjoint halves of train (the floor for FD against train itself).
+        half = len(train_u8) // 2
+        perm = torch.randperm(len(train_u8), generator=torch.Generator().manual_seed(seed + 1))
+        ref_a, ref_b = perm[:min(half, n_gen)], perm[half:half + min(half, n_gen)]
+        dom_ref_a = extract_features(domain_net, train_u8[ref_a], size, device=device)
+        dom_ref_b = extract_features(domain_net, train_u8[ref_b], size, device=device)
+        domain = {"features": str(features_path), "feature_dim": domain_net.num_features,
+                  "extractor_image_size": size, "extractor_test_accuracy": domain_info["test"]["accuracy"],
+                  "n_test": len(test_u8), "n_generated": n_gen, "n_train_reference": len(ref_a),
+                  "floor_train_vs_test": {"n_train": len(train_subset), **domain_fd_kid(dom_test, dom_train, seed)},
+                  "floor_train_vs_train": {"n": len(ref_a), **domain_fd_kid(dom_ref_a, dom_ref_b, seed)},
+                  "note_class_mix": "the extractor is a NORMAL/PNEUMONIA classifier: FD against test also measures "
+                                    "the class mix (test is 62.5% PNEUMONIA); domain_fd_vs_train compares with "
+                                    "the distribution the VAE was trained on"}
+        if (note := feature_dim_ok(min(len(test_u8), n_gen), domain_net.num_features)):
+            domain["note"] = note
+
     # ---- samplers -----------------------------------------------------------------------------
     train_mu = None
     if {"aggregate_posterior", "gmm"} & set(samplers):
@@ -490,6 +518,12 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
             res.update(fid_kid(feats_test, feats, seed))
         else:
             res.update({"fid": None, "kid_mean": None, "kid_std": None})
+        if domain is not None:
+            dom_fake = extract_features(domain_net, images, size, device=device)
+            dom = domain_fd_kid(dom_test, dom_fake, seed)
+            dom_tr = domain_fd_kid(dom_ref_a, dom_fake[:len(ref_a)], seed)
+            res.update({"domain_fd": dom["fd"], "domain_kid_mean": dom["kid_mean"], "domain_kid_std": dom["kid_std"],
+                        "domain_fd_vs_train": dom_tr["fd"], "domain_kid_vs_train": dom_tr["kid_mean"]})
         res.update(_sample_metrics(images, train_u8, seed))
         results[name] = res
 
@@ -513,6 +547,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
                                   "grayscale repeated to RGB, (x * 255).byte() as normalize=True does",
                       "fid_note": "FID is biased upward at small N: compare runs only at equal N"},
         "reference": reference,
+        "domain": domain,
         "samplers": results,
         "images": pictures,
         "notes": {
@@ -553,6 +588,17 @@ def metrics_table(metrics: dict) -> str:
     lines.append(f"| real train vs test (floor) | {f(tv['fid'], '{:.1f}')} | {f(tv['kid_mean'])} | "
                  f"{f(ref['test_ms_ssim_diversity']['mean'])} | {f(ref['test_nn_train_rmse']['mean'])} / "
                  f"{f(ref['test_nn_train_rmse']['min'])} |")
+    dom = metrics.get("domain")
+    if dom:
+        lines += ["", f"| domain features ({dom['feature_dim']}-d, extractor test accuracy "
+                      f"{dom['extractor_test_accuracy']:.3f}) | FD vs test | KID vs test | FD vs train | "
+                      "KID vs train |", "|---|---:|---:|---:|---:|"]
+        for name, s in metrics["samplers"].items():
+            lines.append(f"| {name} | {f(s['domain_fd'], '{:.3f}')} | {f(s['domain_kid_mean'])} | "
+                         f"{f(s['domain_fd_vs_train'], '{:.3f}')} | {f(s['domain_kid_vs_train'])} |")
+        fl, ft = dom["floor_train_vs_test"], dom["floor_train_vs_train"]
+        lines.append(f"| real train images (floor) | {f(fl['fd'], '{:.3f}')} | {f(fl['kid_mean'])} | "
+                     f"{f(ft['fd'], '{:.3f}')} | {f(ft['kid_mean'])} |")
     if metrics.get("inception_unavailable"):
         lines += ["", f"FID/KID not computed: {metrics['inception_unavailable']}"]
     return "\n".join(lines)

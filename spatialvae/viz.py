@@ -61,6 +61,13 @@ def _plt():
     return plt
 
 
+def _finish(fig, path):
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
 def plot_history(history: list[dict], path: str | os.PathLike | None = None):
     """Loss curves: every part (train solid, val dashed), beta and lr; the phase boundary marked."""
     plt = _plt()
@@ -90,10 +97,7 @@ def plot_history(history: list[dict], path: str | os.PathLike | None = None):
             a.axvline(boundary, color="gray", lw=0.8, ls=":")
     axes[0].legend(fontsize=8)
     fig.suptitle("training history (dotted line: phase 1 | phase 2)", fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    return _finish(fig, path)
 
 
 def show_images(images: torch.Tensor, title: str = "", nrow: int = 8, path: str | os.PathLike | None = None,
@@ -106,10 +110,7 @@ def show_images(images: torch.Tensor, title: str = "", nrow: int = 8, path: str 
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
     ax.set_title(title, fontsize=10)
     ax.axis("off")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    return _finish(fig, path)
 
 
 def plot_intensity_histograms(before: list, after: list, path: str | os.PathLike | None = None):
@@ -125,10 +126,7 @@ def plot_intensity_histograms(before: list, after: list, path: str | os.PathLike
     ax.set_ylabel("density")
     ax.set_title("intensity histograms")
     ax.legend()
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    return _finish(fig, path)
 
 
 def plot_class_balance(counts: dict, path: str | os.PathLike | None = None):
@@ -147,7 +145,4 @@ def plot_class_balance(counts: dict, path: str | os.PathLike | None = None):
     ax.set_ylabel("images")
     ax.set_title("class balance")
     ax.legend()
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    return _finish(fig, path)

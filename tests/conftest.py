@@ -117,7 +117,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(data, "_MEMO", {})
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_data_root() -> Path:
     root = os.environ.get("SPATIALVAE_DATA")
     if not root:

@@ -221,7 +221,7 @@ def test_evaluate_run_options(smoke_run, offline):
     assert m["inception_unavailable"] == "skipped (inception='off')"
     assert m["n_generated"] == 4 and "n_samples" in m["n_generated_note"]
     assert list(m["samplers"]) == ["prior"] and m["checkpoint"]["path"].endswith("last.pt")
-    with pytest.raises(SpatialVAEError, match="--features is not supported yet"):
+    with pytest.raises(SpatialVAEError, match="no features file"):
         _evaluate(run, tree, features_path="features.pt")
     with pytest.raises(SpatialVAEError, match="unknown sampler"):
         _evaluate(run, tree, samplers=("vamp",))
