@@ -84,7 +84,7 @@ def main() -> None:
 
         import torch
         cache = Path(tmp) / "cache"
-        ds = D.ChestXRayDataset(args.data, "train", image_size=args.image_size, cache_dir=cache, progress=False)
+        D.ChestXRayDataset(args.data, "train", image_size=args.image_size, cache_dir=cache, progress=False)  # fills the cache
         D._MEMO.clear()
         t0 = time.perf_counter()
         ds2 = D.ChestXRayDataset(args.data, "train", image_size=args.image_size, cache_dir=cache, progress=False)

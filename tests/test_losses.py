@@ -3,7 +3,6 @@ the state dict, never downloaded in tests, clear WeightsError), SSIM on tiny ima
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import urllib.error
 import warnings
