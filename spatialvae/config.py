@@ -251,6 +251,9 @@ def _smoke() -> Config:
     cfg.model.latent_size = 4
     cfg.model.attention_resolutions = (8,)
     cfg.model.norm_groups = 4
+    # Off: smoke runs on CI machines with no internet, so no VGG16 weights. Every run logs
+    # "perceptual term OFF"; --set loss.perceptual_weight=0.1 loss.vgg_weights=random exercises it.
+    cfg.loss.perceptual_weight = 0.0
     cfg.train.phase1.epochs = 1
     cfg.train.phase2.epochs = 2  # the second phase-2 epoch runs at the final beta: KL is exercised
     cfg.train.phase2.beta_anneal_epochs = 1

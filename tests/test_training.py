@@ -252,7 +252,7 @@ def _cli(*args, env=None, timeout=300):
 
 def test_cli_smoke_run_leaves_the_full_run_folder_and_resumes(real_data_root, tmp_path):
     r = _cli("train", "--preset", "smoke", "--data", str(real_data_root), "--out", str(tmp_path / "runs"),
-             "--set", "loss.vgg_weights=random", "--quiet")
+             "--set", "loss.perceptual_weight=0.1", "--set", "loss.vgg_weights=random", "--quiet")
     assert r.returncode == 0, r.stderr
     run = tmp_path / "runs" / "000-smoke"
     assert "RANDOM VGG16 features" in r.stdout  # the opt-in is said, not hidden
@@ -294,7 +294,7 @@ def test_cli_missing_vgg_weights_is_a_clear_error(kaggle_tree, tmp_path, monkeyp
         raise urllib.error.URLError("no internet")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     code = main(["train", "--preset", "smoke", "--data", str(kaggle_tree["root"]), "--out", str(tmp_path / "r"),
-                 "--quiet"])
+                 "--set", "loss.perceptual_weight=0.1", "--quiet"])  # the ImageNet weights, as a real run
     err = capsys.readouterr().err
     assert code == 2 and "perceptual_weight=0" in err and "vgg_weights" in err
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())  # no run folder was made
