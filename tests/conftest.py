@@ -117,6 +117,26 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(data, "_MEMO", {})
 
 
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> list:
+    """An empty torch hub and downloads that fail at once (no test ever downloads weights);
+    returns the list of URLs that were attempted."""
+    import urllib.error
+
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    attempts: list = []
+
+    def refuse(url, *args, **kwargs):
+        attempts.append(url if isinstance(url, str) else getattr(url, "full_url", str(url)))
+        raise urllib.error.URLError("downloads are blocked in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr("urllib.request.urlopen", refuse)
+    return attempts
+
+
 @pytest.fixture(scope="session")
 def real_data_root() -> Path:
     root = os.environ.get("SPATIALVAE_DATA")

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
 import warnings
 from pathlib import Path
 
@@ -106,22 +105,7 @@ def test_inception_features_feed_uint8_rgb():
     assert f.shape == (5, 3) and torch.allclose(f, torch.full((5, 3), 127.0, dtype=torch.float64))
 
 
-# ---- no downloads ----------------------------------------------------------------------------------
-
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """An empty torch hub and downloads that fail at once; counts the attempts."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    attempts = []
-
-    def refuse(url, *a, **k):
-        attempts.append(url)
-        raise urllib.error.URLError("downloads are blocked in tests")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr("urllib.request.urlopen", refuse)
-    return attempts
-
+# ---- no downloads (the `offline` fixture is in conftest.py) ---------------------------------------
 
 def test_load_inception_reports_missing_weights_without_raising(offline):
     net, path, reason = ev.load_inception("auto")

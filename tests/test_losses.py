@@ -4,7 +4,6 @@ the state dict, never downloaded in tests, clear WeightsError), SSIM on tiny ima
 from __future__ import annotations
 
 import math
-import urllib.error
 import warnings
 
 import pytest
@@ -26,20 +25,6 @@ RANDOM_VGG = LossConfig(vgg_weights="random")
 def random_loss() -> VAELoss:
     with pytest.warns(UserWarning, match="RANDOM VGG16"):
         return VAELoss(RANDOM_VGG)
-
-
-@pytest.fixture
-def no_download(tmp_path, monkeypatch):
-    """An empty torch cache and no network: any download attempt raises URLError."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    calls = []
-
-    def refuse(url, *args, **kwargs):
-        calls.append(url)
-        raise urllib.error.URLError("network is unreachable (test)")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    return calls
 
 
 def assert_three_ways_out(msg: str) -> None:
@@ -163,10 +148,10 @@ def test_build_loss_with_perceptual_weight_zero_never_builds_vgg(monkeypatch):
     assert parts["perceptual"].item() == 0.0
 
 
-def test_original_preset_loss_needs_no_vgg(no_download):
+def test_original_preset_loss_needs_no_vgg(offline):
     loss = build_loss(get_preset("original"))
     assert loss.perceptual is None and loss.ssim is None and loss.cfg.recon == "mse"
-    assert no_download == []
+    assert offline == []
 
 
 # ---- the VGG network ----------------------------------------------------------------------------
@@ -205,20 +190,20 @@ def test_invalid_perceptual_layers():
         PerceptualLoss((3, 31), "random")
 
 
-def test_imagenet_without_cache_or_network_raises_weights_error(no_download):
+def test_imagenet_without_cache_or_network_raises_weights_error(offline):
     with pytest.raises(WeightsError) as info:
         build_loss(LossConfig(vgg_weights="imagenet"))
-    assert no_download and no_download[0].endswith("vgg16-397923af.pth")  # it did try torchvision's cache/URL
+    assert offline and offline[0].endswith("vgg16-397923af.pth")  # it did try torchvision's cache/URL
     assert "URLError" in str(info.value)
     assert_three_ways_out(str(info.value))
 
 
-def test_missing_weights_file_raises_weights_error(tmp_path, no_download):
+def test_missing_weights_file_raises_weights_error(tmp_path, offline):
     with pytest.raises(WeightsError) as info:
         build_loss(LossConfig(vgg_weights=str(tmp_path / "nope" / "vgg16.pth")))
     assert "nope" in str(info.value)
     assert_three_ways_out(str(info.value))
-    assert no_download == []
+    assert offline == []
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", "wrong_keys"])

@@ -284,19 +284,13 @@ def test_cli_errors_are_one_line(args, message):
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_cli_missing_vgg_weights_is_a_clear_error(kaggle_tree, tmp_path, monkeypatch, capsys):
-    import urllib.error
-
+def test_cli_missing_vgg_weights_is_a_clear_error(kaggle_tree, tmp_path, offline, capsys):
     from spatialvae.cli import main
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-
-    def offline(*a, **k):
-        raise urllib.error.URLError("no internet")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     code = main(["train", "--preset", "smoke", "--data", str(kaggle_tree["root"]), "--out", str(tmp_path / "r"),
                  "--set", "loss.perceptual_weight=0.1", "--quiet"])  # the ImageNet weights, as a real run
     err = capsys.readouterr().err
     assert code == 2 and "perceptual_weight=0" in err and "vgg_weights" in err
+    assert offline and offline[0].endswith("vgg16-397923af.pth")  # it tried torchvision's download
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())  # no run folder was made
 
 
