@@ -30,12 +30,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """Per split and class counts, original image sizes, skipped files, validation split used."""
-    from .config import DataConfig
+    from .config import Config, DataConfig
     from .data import make_datasets, summarize
 
     cfg = DataConfig(root=args.data, image_size=args.image_size, val_split=args.val_split,
                      cache_dir=args.cache_dir, preprocess_workers=args.workers)
-    from .config import Config
     Config(data=cfg).validate()
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # skipped files are reported below instead
@@ -202,21 +201,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .model import build_model
-    from .training import check_compatible, config_from_checkpoint, load_checkpoint
+    from .training import load_model
     from .viz import image_grid, save_png
 
     path = Path(args.run) / "checkpoints" / f"{args.checkpoint}.pt"
-    ckpt = load_checkpoint(path)
-    cfg = config_from_checkpoint(ckpt)
-    check_compatible(cfg, cfg, path)
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        from .errors import CheckpointError
-        raise CheckpointError(f"checkpoint {path} does not fit its own config ({str(e).splitlines()[0]})") from None
-    model.eval()
+    model, _, ckpt = load_model(path)
     gen = torch.Generator().manual_seed(args.seed)
     images = model.sample(args.n, generator=gen)
     out = save_png(image_grid(images, nrow=int(max(1, round(args.n ** 0.5)))), args.out)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, SpatialVAEError, WeightsError
+from .errors import SpatialVAEError, WeightsError
 from .sampling import (GaussianSampler, GMMSampler, PriorSampler, encode_dataset, eval_mode, generate, interpolate,
                        save_grid, seeded_subset)
 
@@ -304,20 +304,6 @@ def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
     return Path(checkpoint)
 
 
-def _load_model(path: Path, device: torch.device):
-    from .model import build_model
-    from .training import config_from_checkpoint, load_checkpoint
-
-    ckpt = load_checkpoint(path)  # weights_only: nothing in the file is executed
-    cfg = config_from_checkpoint(ckpt)
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit its own config ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), cfg, ckpt
-
-
 @torch.no_grad()
 def reconstruction_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                            batch_size: int = 64) -> tuple[dict, torch.Tensor]:
@@ -419,7 +405,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     adds the domain Fréchet distance and KID (per sampler and the train-vs-test floor). seed: every random choice (samples, subsets, KID).
     """
     from .data import make_datasets
-    from .training import atomic_write_bytes, default_device, perceptual_mode
+    from .training import atomic_write_bytes, default_device, load_model, perceptual_mode
 
     t_start = time.perf_counter()
     unknown = sorted(set(samplers) - set(SAMPLERS))
@@ -428,7 +414,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     run_dir = Path(run_dir)
     device = torch.device(device) if device is not None else default_device()
     ckpt_path = _checkpoint_path(run_dir, checkpoint)
-    model, cfg, ckpt = _load_model(ckpt_path, device)
+    model, cfg, ckpt = load_model(ckpt_path, device)  # weights_only: nothing in the file is executed
     # Before the data and the model work: an explicit weights file that cannot be used fails fast.
     domain_net = domain_info = None
     if features_path is not None:

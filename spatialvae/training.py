@@ -143,6 +143,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """The model a checkpoint holds, rebuilt from its own config, in eval mode -> (model, cfg, ckpt)."""
+    from .model import build_model
+
+    ckpt = load_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit its own config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg, ckpt
+
+
 def config_from_checkpoint(ckpt: dict) -> Config:
     try:
         return Config.from_dict(ckpt["config"])
