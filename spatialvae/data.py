@@ -25,7 +25,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import warnings
 import zipfile
 from collections import Counter, defaultdict
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DatasetError
+from .errors import DatasetError, short_reason
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 SPLITS = ("train", "val", "test")
@@ -333,8 +332,7 @@ def _unreadable_reason(path: str, e: Exception) -> str:
         return "file disappeared or cannot be read"
     if isinstance(e, UnidentifiedImageError):
         return "not an image (content is no known image format)"
-    text = str(e).replace(path, "<file>").splitlines()
-    return f"{type(e).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
+    return short_reason(e).replace(path, "<file>")
 
 
 def _default_workers() -> int:
@@ -400,18 +398,11 @@ def _load_cache(path: Path, entries: Sequence[FileEntry]) -> Optional[Preprocess
 
 
 def _save_cache(path: Path, split: PreprocessedSplit) -> None:
-    """Atomic write: a temp file in the same folder, then os.replace. A crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic write (see `files.atomic_write`): a crash leaves no half-written cache file."""
+    from .files import atomic_write
+
     meta = json.dumps({"paths": split.paths, "modes": split.orig_modes, "skipped": split.skipped})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=split.images, orig_sizes=split.orig_sizes, meta=np.array(meta))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: np.savez(f, images=split.images, orig_sizes=split.orig_sizes, meta=np.array(meta)))
 
 
 _MEMO: dict[str, PreprocessedSplit] = {}  # in-process: train and val datasets share one decode
@@ -479,6 +470,13 @@ def _map_with_progress(fn, jobs: list, workers: int, progress: bool, desc: str) 
 # ---------------------------------------------------------------------------------------------
 # The Dataset
 # ---------------------------------------------------------------------------------------------
+
+def as_float_images(x: torch.Tensor) -> torch.Tensor:
+    """Cached uint8 images (N, H, W) or (N, 1, H, W), or float ones -> float32 (N, 1, H, W) in [0, 1]."""
+    if x.dim() == 3:
+        x = x.unsqueeze(1)  # (N, 1, H, W)
+    return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+
 
 class ChestXRayDataset(Dataset):
     """One split of the chest X-ray data as ``(image, label)``.

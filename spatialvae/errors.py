@@ -7,6 +7,14 @@ Everything the command line reports as one clear line (no traceback) derives fro
 from __future__ import annotations
 
 
+def short_reason(e: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message`, shortened, so every error message stays on one line."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 class SpatialVAEError(Exception):
     """Base class: the CLI prints `error: <message>` and exits with status 2."""
 

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SpatialVAEError, WeightsError
+from .data import as_float_images
+from .errors import SpatialVAEError, WeightsError, short_reason
 from .sampling import (GaussianSampler, GMMSampler, PriorSampler, encode_dataset, eval_mode, generate, interpolate,
                        save_grid, seeded_subset)
 
@@ -121,13 +122,6 @@ def pairwise_ms_ssim(images: torch.Tensor, max_images: int = 50, seed: int = 0, 
             "n_images": len(x), "n_pairs": len(vals), "win_size": ms_ssim_window(max(33, min(x.shape[-2:])))}
 
 
-def _as_float_images(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W) / (N, 1, H, W) or float images -> float32 (N, 1, H, W) in [0, 1]."""
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
-
-
 @torch.no_grad()
 def nearest_neighbour(queries: torch.Tensor, reference: torch.Tensor, flips: bool = True,
                       query_chunk: int = 256, ref_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +134,7 @@ def nearest_neighbour(queries: torch.Tensor, reference: torch.Tensor, flips: boo
     ||q||^2 + ||r||^2 - 2 q.r expansion; its distance is then recomputed exactly (so a query
     that is in the reference set gets exactly 0).
     """
-    q_all = _as_float_images(queries)  # (M, 1, H, W)
+    q_all = as_float_images(queries)  # (M, 1, H, W)
     n_ref = len(reference)
     best_d2 = torch.full((len(q_all),), math.inf)
     best_i = torch.zeros(len(q_all), dtype=torch.long)
@@ -151,7 +145,7 @@ def nearest_neighbour(queries: torch.Tensor, reference: torch.Tensor, flips: boo
         norms = [v.pow(2).sum(1, keepdim=True) for v in variants]  # each (m, 1)
         sl = slice(qs, qs + len(q))
         for rs in range(0, n_ref, ref_chunk):
-            r = _as_float_images(reference[rs:rs + ref_chunk]).flatten(1)  # (n, D)
+            r = as_float_images(reference[rs:rs + ref_chunk]).flatten(1)  # (n, D)
             r2 = r.pow(2).sum(1)  # (n,)
             for flipped, (v, v2) in enumerate(zip(variants, norms)):
                 d, i = (v2 + r2 - 2 * v @ r.T).min(1)  # squared distances (m, n) -> nearest (m,)
@@ -159,7 +153,7 @@ def nearest_neighbour(queries: torch.Tensor, reference: torch.Tensor, flips: boo
                 best_d2[sl] = torch.where(better, d, best_d2[sl])
                 best_i[sl] = torch.where(better, i + rs, best_i[sl])
                 best_flip[sl] = torch.where(better, torch.tensor(bool(flipped)), best_flip[sl])
-    nearest = _as_float_images(reference[best_i])  # (M, 1, H, W)
+    nearest = as_float_images(reference[best_i])  # (M, 1, H, W)
     q_used = torch.where(best_flip.view(-1, 1, 1, 1), q_all.flip(-1), q_all)
     dist = (q_used - nearest).pow(2).flatten(1).mean(1).sqrt()  # exact RMSE, (M,)
     return dist, best_i
@@ -177,12 +171,6 @@ def summarize(values: torch.Tensor) -> dict:
 def inception_cache_path() -> Path:
     """Where torch hub (and so torch-fidelity) keeps the FID Inception weights."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-
-
-def _reason(e: BaseException) -> str:
-    from .losses import _reason as one_line
-
-    return one_line(e)
 
 
 def _download_inception(dst: Path) -> None:
@@ -226,7 +214,7 @@ def load_inception(spec: str = "auto") -> tuple[Optional[nn.Module], Optional[st
             _download_inception(path)
         except Exception as e:  # URLError, timeout, hash mismatch, ...
             return None, None, (f"Inception weights not cached at {path} and the download failed after "
-                                f"{time.perf_counter() - t0:.2f} s ({_reason(e)}); {fix}")
+                                f"{time.perf_counter() - t0:.2f} s ({short_reason(e)}); {fix}")
     try:
         torch.load(path, map_location="cpu", weights_only=True)
         from torchmetrics.image.fid import NoTrainInceptionV3
@@ -235,8 +223,8 @@ def load_inception(spec: str = "auto") -> tuple[Optional[nn.Module], Optional[st
                                  feature_extractor_weights_path=str(path))
     except Exception as e:  # corrupt/truncated file, torch-fidelity missing, ...
         if explicit:
-            raise WeightsError(f"cannot use Inception weights {path} ({_reason(e)}); {fix}") from e
-        return None, None, f"cannot use Inception weights {path} ({_reason(e)}); {fix}"
+            raise WeightsError(f"cannot use Inception weights {path} ({short_reason(e)}); {fix}") from e
+        return None, None, f"cannot use Inception weights {path} ({short_reason(e)}); {fix}"
     return net, str(path), None
 
 
@@ -253,7 +241,7 @@ def inception_features(net: nn.Module, images: torch.Tensor, batch_size: int = 6
     net = net.to(device)
     out = []
     for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False, file=sys.stderr):
-        x = _as_float_images(images[s:s + batch_size])  # (B, 1, H, W)
+        x = as_float_images(images[s:s + batch_size])  # (B, 1, H, W)
         x = (x.clamp(0, 1) * 255).byte().repeat(1, 3, 1, 1)  # (B, 3, H, W) uint8
         out.append(net(x.to(device)).double().cpu())  # (B, 2048)
     return torch.cat(out)
@@ -313,7 +301,7 @@ def reconstruction_metrics(model: nn.Module, images: torch.Tensor, labels: torch
     recons = []
     with eval_mode(model):
         for s in range(0, len(images), batch_size):
-            x = _as_float_images(images[s:s + batch_size])  # (B, 1, H, W)
+            x = as_float_images(images[s:s + batch_size])  # (B, 1, H, W)
             mu, _ = model.encode(x.to(device))
             r = model.decode(mu).float().clamp(0, 1).cpu()  # (B, 1, H, W)
             per["ssim"].append(ssim_score(r, x))
@@ -366,7 +354,7 @@ def _interpolation_sheet(model: nn.Module, images: torch.Tensor, labels: torch.T
         a_idx, b_idx = list(range(half)), list(range(half, 2 * half))
     rows = []
     for a, b in zip(a_idx, b_idx):
-        xa, xb = _as_float_images(images[a:a + 1]), _as_float_images(images[b:b + 1])  # (1, 1, H, W) each
+        xa, xb = as_float_images(images[a:a + 1]), as_float_images(images[b:b + 1])  # (1, 1, H, W) each
         rows += [xa, interpolate(model, xa, xb, steps), xb]
     return torch.cat(rows)  # (pairs * (steps + 2), 1, H, W)
 
@@ -405,7 +393,8 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     adds the domain Fréchet distance and KID (per sampler and the train-vs-test floor). seed: every random choice (samples, subsets, KID).
     """
     from .data import make_datasets
-    from .training import atomic_write_bytes, default_device, load_model, perceptual_mode
+    from .files import atomic_write_bytes
+    from .training import default_device, load_model, perceptual_mode
 
     t_start = time.perf_counter()
     unknown = sorted(set(samplers) - set(SAMPLERS))
@@ -436,7 +425,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     # ---- reconstruction -------------------------------------------------------------------
     recon, recons = reconstruction_metrics(model, test_u8, test_labels, batch_size)
     pick = _class_balanced_indices(test_labels, 16, seed)
-    save_grid(_reconstruction_sheet(_as_float_images(test_u8[pick]), recons[pick]), out_dir / "eval_reconstructions.png")
+    save_grid(_reconstruction_sheet(as_float_images(test_u8[pick]), recons[pick]), out_dir / "eval_reconstructions.png")
     pictures["reconstructions"] = "samples/eval_reconstructions.png"
     save_grid(_interpolation_sheet(model, test_u8, test_labels, steps=8, n_pairs=4, seed=seed),
               out_dir / "eval_interpolation.png", nrow=10)
@@ -445,7 +434,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     # ---- references: what real images score ---------------------------------------------------
     test_nn, _ = nearest_neighbour(test_u8, train_u8)
     reference = {
-        "test_ms_ssim_diversity": pairwise_ms_ssim(_as_float_images(test_u8), seed=seed),
+        "test_ms_ssim_diversity": pairwise_ms_ssim(as_float_images(test_u8), seed=seed),
         "test_nn_train_rmse": summarize(test_nn),
     }
     train_subset = seeded_subset(len(train_u8), n_gen, seed)

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, SpatialVAEError
+from .data import as_float_images
+from .errors import CheckpointError, SpatialVAEError, short_reason
 
 FEATURES_VERSION = 1
 
@@ -75,11 +76,6 @@ class XRayFeatureNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-
-def _images(ds) -> torch.Tensor:
-    """A dataset's cached uint8 images (N, S, S) as float (N, 1, S, S) in [0, 1], never flipped."""
-    return ds.images.unsqueeze(1).float().div_(255.0)
-
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Seeded, per image: horizontal flip (p = 0.5), zoom 0.9-1.1 with a shift of up to 6% of the
@@ -134,8 +130,8 @@ def train_feature_net(train, val, test, cfg: Optional[FeatureNetConfig] = None,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         net = XRayFeatureNet(cfg.widths, cfg.dropout).to(device)
-    x_train, y_train = _resize(_images(train), cfg.image_size), train.labels
-    x_val, y_val = _resize(_images(val), cfg.image_size), val.labels
+    x_train, y_train = _resize(as_float_images(train.images), cfg.image_size), train.labels
+    x_val, y_val = _resize(as_float_images(val.images), cfg.image_size), val.labels
     counts = torch.bincount(y_train, minlength=2).float()
     weight = (counts.sum() / (2 * counts.clamp(min=1))).to(device)  # inverse frequency
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -167,8 +163,8 @@ def train_feature_net(train, val, test, cfg: Optional[FeatureNetConfig] = None,
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     net.load_state_dict(best_state)
     net.eval()
-    test_report = classification_report(predict(net, _resize(_images(test), cfg.image_size), device=device),
-                                        test.labels)
+    x_test = _resize(as_float_images(test.images), cfg.image_size)
+    test_report = classification_report(predict(net, x_test, device=device), test.labels)
     info = {"config": asdict(cfg), "history": history, "val_best_balanced_accuracy": best,
             "test": test_report, "train_seconds": time.perf_counter() - t0}
     return net.cpu(), info
@@ -194,10 +190,8 @@ def extract_features(net: XRayFeatureNet, images: torch.Tensor, image_size: int,
     net = net.to(device).eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        if x.dtype == torch.uint8:
-            x = x.unsqueeze(1).float().div(255.0)  # (B, 1, S, S)
-        out.append(net.features(_resize(x.float(), image_size).to(device)).double().cpu())
+        x = as_float_images(images[i:i + batch_size])  # (B, 1, S, S)
+        out.append(net.features(_resize(x, image_size).to(device)).double().cpu())
     return torch.cat(out)
 
 
@@ -266,7 +260,7 @@ def load_feature_net(path: str | os.PathLike) -> tuple[XRayFeatureNet, dict]:
     try:
         net.load_state_dict(blob["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path} does not match its own config ({short_reason(e)})") from None
     info = {k: v for k, v in blob.items() if k != "model"}
     info["config"] = cfg
     return net.eval(), info
@@ -294,10 +288,10 @@ def build_features_file(data_root, out: str | os.PathLike, image_size: int = 64,
                            seed=seed, progress=progress)
     net, info = train_feature_net(splits.train, splits.val, splits.test, cfg, device, progress, log)
     # Real-vs-real floor: a seeded train subset the size of the test split against the test split.
-    test_x = _images(splits.test)
+    test_x = as_float_images(splits.test.images)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(splits.train), generator=g)[:len(test_x)]
-    train_x = _images(splits.train)[pick]
+    train_x = as_float_images(splits.train.images)[pick]
     feats_train = extract_features(net, train_x, cfg.image_size)
     info["floor"] = {**domain_fd_kid(feats_train, extract_features(net, test_x, cfg.image_size), seed),
                      "n_train": len(train_x), "n_test": len(test_x)}

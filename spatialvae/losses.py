@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config, LossConfig
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, WeightsError, short_reason
 from .model import clamp_logvar
 
 log = logging.getLogger(__name__)
@@ -115,14 +115,6 @@ def _weights_help(problem: str) -> str:
             f"(3) set loss.perceptual_weight=0 to train without the perceptual loss")
 
 
-def _reason(e: BaseException, limit: int = 160) -> str:
-    """`Type: first line of the message`, shortened: error messages here stay on one line."""
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    if len(first) > limit:
-        first = first[: limit - 3] + "..."
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
 def _vgg16_features_module() -> nn.Sequential:
     from torchvision.models.vgg import cfgs, make_layers
 
@@ -171,7 +163,7 @@ def load_vgg16_features(weights: str = "imagenet") -> nn.Sequential:
             sd = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
         except Exception as e:  # URLError, hash mismatch, truncated cache file, ...
             raise WeightsError(_weights_help(
-                f"could not load ImageNet VGG16 weights ({_reason(e)})")) from e
+                f"could not load ImageNet VGG16 weights ({short_reason(e)})")) from e
         source = "ImageNet (torchvision cache)"
     else:
         path = Path(os.path.expandvars(weights)).expanduser()
@@ -182,7 +174,7 @@ def load_vgg16_features(weights: str = "imagenet") -> nn.Sequential:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise WeightsError(_weights_help(
-                f"could not read VGG16 weights from {path} ({_reason(e)})")) from e
+                f"could not read VGG16 weights from {path} ({short_reason(e)})")) from e
         if not isinstance(sd, dict):
             raise WeightsError(_weights_help(f"{path} holds a {type(sd).__name__}, not a VGG16 state dict"))
         source = str(path)
@@ -190,7 +182,7 @@ def load_vgg16_features(weights: str = "imagenet") -> nn.Sequential:
         features.load_state_dict(_features_state_dict(sd), strict=True)
     except Exception as e:
         raise WeightsError(_weights_help(
-            f"the VGG16 weights from {source} do not fit torchvision's vgg16 ({_reason(e)})")) from e
+            f"the VGG16 weights from {source} do not fit torchvision's vgg16 ({short_reason(e)})")) from e
     log.info("perceptual loss: VGG16 features from %s", source)
     return features
 

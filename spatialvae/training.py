@@ -40,7 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from .config import Config, PhaseConfig, TrainConfig
-from .errors import CheckpointError, SpatialVAEError
+from .errors import CheckpointError, SpatialVAEError, short_reason
+from .files import atomic_torch_save, atomic_write_bytes  # noqa: F401 - re-exported
 
 CHECKPOINT_VERSION = 1
 
@@ -105,28 +106,6 @@ def create_run_dir(out: str | os.PathLike, name: str) -> Path:
             index += 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a crash mid-write
-    leaves the previous checkpoint intact."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(Path(path), buf.getvalue())
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint safely (tensors and plain containers only; no code is executed)."""
     path = Path(path)
@@ -135,8 +114,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt, truncated or unsafe pickle
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} ({first}); it is corrupt or not a spatialvae "
+        raise CheckpointError(f"cannot read checkpoint {path} ({short_reason(e)}); it is corrupt or not a spatialvae "
                               "checkpoint: resume from another file or start a new run") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a spatialvae checkpoint (no model/config entries)")
@@ -153,7 +131,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit its own config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"checkpoint {path} does not fit its own config ({short_reason(e)})") from None
     return model.to(device).eval(), cfg, ckpt
 
 
@@ -527,8 +505,7 @@ class Trainer:
                 self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
         except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:200]
-            raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); "
+            raise CheckpointError(f"checkpoint {path} does not fit this model ({short_reason(e)}); "
                                   "resume with the run's own config.json") from None
         self.epoch = int(ckpt["epoch"])
         self.history = list(ckpt["history"])

@@ -38,15 +38,12 @@ def _pad_width(img: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write a (1, H, W) or (N, 1, H, W) tensor in [0, 1] as PNG, atomically (temp file + replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a (1, H, W) or (N, 1, H, W) tensor in [0, 1] as PNG, atomically (see `files.atomic_write`)."""
+    from .files import atomic_write
+
     if image.dim() == 4:
         image = image_grid(image)
-    save_image(image, tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: save_image(image, f, format="png"))
 
 
 # ---- matplotlib figures (notebook and reports) -------------------------------------------------
