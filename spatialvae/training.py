@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from .config import Config, PhaseConfig, TrainConfig
+from .data import make_dataloader
 from .errors import CheckpointError, SpatialVAEError, short_reason
 from .files import atomic_torch_save, atomic_write_bytes  # noqa: F401 - re-exported
 
@@ -236,13 +237,14 @@ class Trainer:
         else:
             self._shuffle_gen = torch.Generator()
             self.train_sampler = RandomSampler(train_data, generator=self._shuffle_gen)
-        self.train_loader = DataLoader(train_data, batch_size=self.batch_per_rank, sampler=self.train_sampler,
-                                       drop_last=True, num_workers=config.data.num_workers, pin_memory=cuda)
+        workers = config.data.num_workers
+        self.train_loader = make_dataloader(train_data, self.batch_per_rank, train=True, num_workers=workers,
+                                            device=self.device, sampler=self.train_sampler)
         if len(self.train_loader) == 0:
             raise SpatialVAEError(f"the training split has {len(train_data)} images, fewer than one batch of "
                                   f"{batch}; lower data.batch_size or use more images")
-        self.val_loader = None if val_data is None else DataLoader(
-            val_data, batch_size=batch, shuffle=False, num_workers=config.data.num_workers, pin_memory=cuda)
+        self.val_loader = None if val_data is None else make_dataloader(
+            val_data, batch, train=False, num_workers=workers, device=self.device)
 
         first = t.phase1 if t.phase1.epochs > 0 else t.phase2
         self.optimizer = torch.optim.AdamW(self.raw_model.parameters(), lr=first.lr, weight_decay=t.weight_decay)
