@@ -56,6 +56,7 @@ class ModelConfig:
 class LossConfig:
     recon: str = "l1"  # l1 (the recipe: sharper than MSE) | mse (the original baseline)
     recon_weight: float = 1.0  # pixel term weight
+    pixel_reduction: str = "mean"  # mean over pixels (the recipe's weights assume it) | sum per image (classic ELBO)
     perceptual_weight: float = 0.1  # VGG16 feature L1: texture and edges that pixel losses blur
     perceptual_layers: Tuple[int, ...] = (3, 8, 15)  # vgg16.features indices of relu1_2, relu2_2, relu3_3
     vgg_weights: str = "imagenet"  # imagenet (torchvision cache/download) | a local .pth path | random (explicit opt-in)
@@ -183,6 +184,7 @@ class Config:
         _check(m.flat_latent_dim >= 1, "model.flat_latent_dim", m.flat_latent_dim, "at least 1")
         _check(m.upsample in ("bilinear", "transposed"), "model.upsample", m.upsample, "bilinear or transposed")
         _check(lo.recon in ("l1", "mse"), "loss.recon", lo.recon, "l1 or mse")
+        _check(lo.pixel_reduction in ("mean", "sum"), "loss.pixel_reduction", lo.pixel_reduction, "mean or sum")
         for name in ("recon_weight", "perceptual_weight", "ssim_weight"):
             _check(getattr(lo, name) >= 0, f"loss.{name}", getattr(lo, name), "0 or more")
         _check(all(i >= 0 for i in lo.perceptual_layers), "loss.perceptual_layers", lo.perceptual_layers,
@@ -266,9 +268,14 @@ def _original() -> Config:
     # The recipe's flat-latent baseline, for comparison: BatchNorm/LeakyReLU/ConvTranspose2d with a
     # 256-d latent, MSE only, a constant beta of 0.5 from the first epoch, one phase as long as the
     # seed's two together (50 + 100 = 150 epochs) so curves line up epoch for epoch.
+    # Reductions: the squared error is SUMMED over pixels and the KL over the 256 latent values
+    # (per image, averaged over the batch), the classic ELBO form such baselines are written in.
+    # "beta 0.5" only means something with a stated reduction: against a per-pixel MEAN MSE the
+    # same 0.5 would weigh the KL 16,384x (128 px) more and collapse the posterior.
     cfg = Config(preset="original")
     cfg.model.architecture = "original"
     cfg.loss.recon = "mse"
+    cfg.loss.pixel_reduction = "sum"
     cfg.loss.perceptual_weight = 0.0
     cfg.loss.ssim_weight = 0.0
     cfg.train.phase1.epochs = 0

@@ -260,6 +260,8 @@ class VAELoss(nn.Module):
         super().__init__()
         if cfg.recon not in ("l1", "mse"):
             raise ConfigError(f"loss.recon={cfg.recon!r} is invalid: expected l1 or mse")
+        if cfg.pixel_reduction not in ("mean", "sum"):
+            raise ConfigError(f"loss.pixel_reduction={cfg.pixel_reduction!r} is invalid: expected mean or sum")
         if cfg.kl_reduction not in ("sum", "mean"):
             raise ConfigError(f"loss.kl_reduction={cfg.kl_reduction!r} is invalid: expected sum or mean")
         self.cfg = cfg
@@ -275,7 +277,10 @@ class VAELoss(nn.Module):
         parts: Dict[str, torch.Tensor] = {}
         if c.recon_weight > 0:
             pixel = F.l1_loss if c.recon == "l1" else F.mse_loss
-            parts["recon"] = pixel(recon.float(), x.float())
+            if c.pixel_reduction == "sum":  # summed over C*H*W, averaged over the batch: (B,) -> ()
+                parts["recon"] = pixel(recon.float(), x.float(), reduction="sum") / x.shape[0]
+            else:
+                parts["recon"] = pixel(recon.float(), x.float())
             total = total + c.recon_weight * parts["recon"]
         if self.perceptual is not None:
             parts["perceptual"] = self.perceptual(recon, x).float()

@@ -143,3 +143,39 @@ def plot_class_balance(counts: dict, path: str | os.PathLike | None = None):
     ax.set_title("class balance")
     ax.legend()
     return _finish(fig, path)
+
+
+def grid_rows(path: str | os.PathLike, tile: int, n_rows: int, padding: int = 2):
+    """The first ``n_rows`` rows of a grid PNG written by `image_grid` (tiles of ``tile`` px)."""
+    plt = _plt()
+    img = plt.imread(str(path))
+    if img.ndim == 3:
+        img = img[..., 0]  # grayscale saved as RGB(A)
+    return img[: padding + n_rows * (tile + padding)]
+
+
+def ablation_figure(rows: list[dict], path: str | os.PathLike | None = None, n_rows: int = 2):
+    """One row per ablation variant: test reconstructions (originals above their reconstructions),
+    prior samples and aggregate-posterior samples, cropped from each run's evaluation grids."""
+    plt = _plt()
+    columns = [("eval_reconstructions.png", "test: original / reconstruction"),
+               ("eval_prior.png", "prior N(0, I) samples"),
+               ("eval_aggregate_posterior.png", "aggregate-posterior samples")]
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(4.2 * len(columns), 1.25 * len(rows) + 0.4),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c, (name, title) in enumerate(columns):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            png = Path(row["run_dir"]) / "samples" / name
+            if png.is_file():
+                ax.imshow(grid_rows(png, row["image_size"], n_rows), cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
+            if r == 0:
+                ax.set_title(title, fontsize=10)
+            if c == 0:
+                ax.set_ylabel(row["variant"], fontsize=10, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return _finish(fig, path)

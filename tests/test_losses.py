@@ -131,6 +131,19 @@ def test_mse_recon_and_zero_weights_and_beta_zero():
     assert total.item() == pytest.approx(parts["recon"].item() + 0.5 * parts["kl"].item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("recon", ["l1", "mse"])
+def test_summed_pixel_term_is_the_mean_times_pixels_per_image(recon):
+    x, recon_img = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)
+    mu, logvar = torch.zeros(3, 4, 2, 2), torch.zeros(3, 4, 2, 2)
+    mean = VAELoss(LossConfig(recon=recon, perceptual_weight=0.0, ssim_weight=0.0))
+    summed = VAELoss(LossConfig(recon=recon, perceptual_weight=0.0, ssim_weight=0.0, pixel_reduction="sum"))
+    m = mean(recon_img, x, mu, logvar, 0.0)[1]["recon"].item()
+    s = summed(recon_img, x, mu, logvar, 0.0)[1]["recon"].item()
+    assert s == pytest.approx(m * 64, rel=1e-5)  # 1 x 8 x 8 values per image, batch averaged
+    with pytest.raises(ConfigError, match="pixel_reduction"):
+        VAELoss(LossConfig(pixel_reduction="max"))
+
+
 def test_build_loss_with_perceptual_weight_zero_never_builds_vgg(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("VGG was constructed")
@@ -151,6 +164,7 @@ def test_build_loss_with_perceptual_weight_zero_never_builds_vgg(monkeypatch):
 def test_original_preset_loss_needs_no_vgg(offline):
     loss = build_loss(get_preset("original"))
     assert loss.perceptual is None and loss.ssim is None and loss.cfg.recon == "mse"
+    assert loss.cfg.pixel_reduction == "sum" and loss.cfg.kl_reduction == "sum"  # the classic ELBO form
     assert offline == []
 
 
