@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import Config, PhaseConfig, get_preset
+from .config import Config, LossConfig, PhaseConfig, get_preset
 from .errors import ConfigError
 
 
@@ -107,7 +107,8 @@ def ablation_base(preset: str = "quick", epochs: tuple[int, int] = (8, 10), perc
     t.sample_every = max(1, (p1 + p2) // 3)
     if perceptual == "off":
         cfg.loss.perceptual_weight = 0.0
-    else:
+    else:  # presets that switch the term off (smoke) get the recipe's weight back
+        cfg.loss.perceptual_weight = cfg.loss.perceptual_weight or LossConfig().perceptual_weight
         cfg.loss.vgg_weights = perceptual
     cfg.preset = f"ablation-{preset}"
     return cfg.with_overrides(list(overrides))
@@ -162,11 +163,39 @@ def _row(name: str, cfg: Config, run_dir: Path, metrics: dict, history: list[dic
     }
 
 
+def _comparable(cfg: Config) -> dict:
+    d = cfg.to_dict()
+    d["data"] = {k: v for k, v in d["data"].items() if k not in ("root", "cache_dir", "preprocess_workers")}
+    return d
+
+
+def _check_same_base(out: Path, base: Config) -> None:
+    """Resuming into a folder made with another size/budget would mix incomparable rows."""
+    saved = out / "base_config.json"
+    if not saved.is_file():
+        return
+    old = Config.from_json(saved)
+    if _comparable(old) != _comparable(base):
+        a, b = _flat(_comparable(old)), _flat(_comparable(base))
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ConfigError(f"{out} holds an ablation with a different base config ({', '.join(diff[:4])} differ); "
+                          "pass a new --out, or the same --preset/--epochs/--perceptual/--set as before")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def run_ablation(out: str | os.PathLike, base: Config, names: Optional[Sequence[str]] = None,
                  features_path: str | os.PathLike | None = None, inception: str = "auto",
                  progress: bool = True, device=None, n_samples: Optional[int] = None,
                  log: Optional[logging.Logger] = None) -> list[dict]:
     """Train and evaluate each variant into ``out/<variant>/``; write ablation.{json,md,png}.
+    features_path: an extractor file for the domain FD, None to skip it, or "auto" (train one into
+    ``out/xray_features.pt`` unless it is there already).
     Progress lines go to ``log`` (default: the console and ``out/train.log``)."""
     from .data import make_datasets
     from .evaluate import evaluate_run
@@ -175,6 +204,7 @@ def run_ablation(out: str | os.PathLike, base: Config, names: Optional[Sequence[
     from .training import build_trainer, make_logger, perceptual_mode, read_history_csv, total_epochs
 
     out = Path(out)
+    _check_same_base(out, base)
     log = log or make_logger(out)
     configs = variant_configs(base, names)
     for name in set(names or VARIANT_NAMES) - set(configs):
@@ -183,6 +213,13 @@ def run_ablation(out: str | os.PathLike, base: Config, names: Optional[Sequence[
     losses = {name: build_loss(cfg) for name, cfg in configs.items()}
     splits = make_datasets(base.data, seed=base.train.seed, progress=progress)  # shared: same images for all
     out.mkdir(parents=True, exist_ok=True)
+    if features_path == "auto":  # the extractor for the domain FD, trained once per ablation folder
+        features_path = out / "xray_features.pt"
+        if not features_path.is_file():
+            from .features import build_features_file
+            log.info(f"training the X-ray feature extractor for the domain FD -> {features_path}")
+            build_features_file(base.data.root, features_path, image_size=min(base.data.image_size, 128),
+                                seed=base.train.seed, progress=progress, cache_dir=base.data.cache_dir)
     atomic_write_bytes(out / "base_config.json", (base.to_json() + "\n").encode())
     rows = []
     for i, (name, cfg) in enumerate(configs.items()):

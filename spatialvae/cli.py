@@ -248,7 +248,6 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .ablation import ablation_base, ablation_table, run_ablation
-    from .training import make_logger
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     base = ablation_base(args.preset, tuple(args.epochs), args.perceptual, args.set or [])
@@ -256,25 +255,45 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         base.data.root = args.data
     out = Path(args.out)
     features = args.features
-    if features is None:
-        features = out / "xray_features.pt"
-        if not features.is_file():
-            from .features import build_features_file
-            from .data import resolve_data_root
-
-            resolve_data_root(base.data.root)  # a missing dataset fails here, before any training
-            out.mkdir(parents=True, exist_ok=True)
-            make_logger(out).info(f"building the X-ray feature extractor for the domain FD: {features}")
-            build_features_file(base.data.root, features, image_size=min(base.data.image_size, 128),
-                                seed=base.train.seed, progress=not args.quiet)
-    elif str(features).lower() == "none":
+    if features is not None and str(features).lower() == "none":
         features = None
+    elif features is None:
+        features = "auto"
+    from .errors import WeightsError
+
     t0 = time.perf_counter()
-    rows = run_ablation(out, base, variants, features_path=features, inception=args.inception,
-                        progress=not args.quiet, n_samples=args.n)
+    try:
+        rows = run_ablation(out, base, variants, features_path=features, inception=args.inception,
+                            progress=not args.quiet, n_samples=args.n)
+    except WeightsError as e:
+        raise WeightsError(f"{e}; for the ablation that is --perceptual off (no perceptual term anywhere) "
+                           "or --perceptual random (explicit random VGG16 features)") from None
     print(ablation_table(rows, base))
     print(f"\nwrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'} "
           f"({(time.perf_counter() - t0) / 60:.1f} min this session)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Data and training-step speed on this machine -> a table on stdout and JSON in --out."""
+    from pathlib import Path
+
+    from .bench import bench_table, run_bench
+    from .files import atomic_write_bytes
+
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()] if args.settings else None
+    perceptual = {"both": (False, True), "off": (False,), "on": (True,)}[args.perceptual]
+    if args.repeats < 1 or args.batch < 1:
+        from .errors import ConfigError
+        raise ConfigError(f"--repeats {args.repeats} and --batch {args.batch} must both be at least 1")
+    res = run_bench(args.data, preset=args.preset, image_size=args.image_size, batch=args.batch,
+                    repeats=args.repeats, settings=settings, perceptual=perceptual, kaggle_n=args.kaggle_n,
+                    skip_data=args.skip_data, progress=not args.quiet)
+    print(bench_table(res))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
+    print(f"\nwrote {out}")
     return 0
 
 
@@ -355,6 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the base config of every variant, e.g. --set data.max_per_class=500")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("bench", help="measure data and training-step speed (eager, channels_last, compile, AMP)")
+    p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
+    p.add_argument("--out", metavar="FILE.json", default="runs/bench.json", help="figures as JSON (default runs/bench.json)")
+    p.add_argument("--preset", choices=("seed", "quick", "smoke"), default="seed", help="model to time (default seed)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per setting, after a warm-up (median)")
+    p.add_argument("--settings", default=None,
+                   help="comma-separated subset of eager, channels_last, compile, compile+channels_last "
+                        "(+ fp16, bf16, fp16+channels_last, bf16+channels_last on CUDA); default: all")
+    p.add_argument("--perceptual", choices=("both", "off", "on"), default="both",
+                   help="time steps without and/or with the VGG16 perceptual term (random weights: same cost)")
+    p.add_argument("--kaggle-n", type=int, default=200, help="Kaggle-size JPEGs synthesised for the decode rate")
+    p.add_argument("--skip-data", action="store_true", help="model figures only")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -575,7 +575,7 @@ def make_dataloader(dataset: ChestXRayDataset, batch_size: int, train: bool, see
     """A DataLoader over cached tensors: pinned memory on CUDA, seeded shuffling, full batches in training.
 
     ``num_workers=0`` is the default because items are slices of an in-memory tensor: worker
-    processes would only add inter-process copies (see benchmarks/bench_data.py).
+    processes would only add inter-process copies (see `python -m spatialvae bench`).
     """
     cuda = torch.device(device).type == "cuda"
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,438 @@
+"""Benchmarks: data pipeline and training-step speed, as figures (JSON and a table), never as tests.
+
+``python -m spatialvae bench`` measures, on whatever machine it runs:
+
+- data: the one-time preprocessing rate for Kaggle-size JPEGs (shared images upscaled to
+  1500x1200, all cores), the cache-file load time, and one epoch of batches from the cache
+  against decoding every epoch;
+- model: one training step (forward, loss, backward, AdamW step) at 128 px, batch 32, with and
+  without the perceptual term (RANDOM VGG16 weights: the cost of ImageNet weights, no download),
+  for eager fp32 NCHW, ``channels_last``, ``torch.compile`` and both, plus fp16/bf16 autocast on
+  CUDA. Each setting runs in its own process (clean peak memory, no shared compile cache) on the
+  same seeded weights and batch; its first loss must match eager's to count as *safe*. Speeds are
+  ratios to eager from the same run;
+- FLOPs per image (`torch.utils.flop_counter`) and a projection of the recipe's 150-epoch
+  schedule onto a Kaggle T4 from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import SpatialVAEError
+
+# Kaggle's T4 (NVIDIA datasheet): 65 TFLOP/s fp16 tensor cores, 8.1 TFLOP/s fp32.
+T4_FP16_TFLOPS = 65.0
+T4_FP32_TFLOPS = 8.1
+# Utilisation assumed for the projection: small 128 px convs, GroupNorm and attention are partly
+# memory-bound, so a mixed-precision conv net of this size reaches a fraction of the tensor peak.
+T4_UTILISATION = (0.15, 0.30)
+# Kaggle's 5,216 train + 16 val images, split 90/10 by patient (what `data` reports): 4,694 / 522.
+KAGGLE_TRAIN_IMAGES, KAGGLE_VAL_IMAGES = 4694, 522
+
+
+@dataclass(frozen=True)
+class StepSetting:
+    name: str
+    channels_last: bool = False
+    compile: bool = False
+    amp: Optional[str] = None  # None (fp32) | "fp16" | "bf16": CUDA autocast
+
+
+CPU_SETTINGS = (StepSetting("eager"), StepSetting("channels_last", channels_last=True),
+                StepSetting("compile", compile=True), StepSetting("compile+channels_last", True, True))
+CUDA_EXTRA = (StepSetting("fp16", amp="fp16"), StepSetting("bf16", amp="bf16"),
+              StepSetting("fp16+channels_last", channels_last=True, amp="fp16"),
+              StepSetting("bf16+channels_last", channels_last=True, amp="bf16"))
+
+
+# ---- one training-step measurement (runs in a child process) ---------------------------------
+
+def _peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB, whole process
+
+
+def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, setting: dict, repeats: int,
+                 device: str = "auto", seed: int = 0) -> dict:
+    """Time ``repeats`` training steps after warm-up; returns images/s, first loss, peak memory."""
+    import warnings
+    from contextlib import nullcontext
+
+    import torch
+
+    from .config import get_preset
+    from .losses import build_loss
+    from .model import build_model
+
+    s = StepSetting(**setting)
+    rss_before = _peak_memory_mb(torch.device("cpu"))  # the interpreter + torch, before any model exists
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    cfg = get_preset(preset).with_overrides({"data.image_size": image_size})
+    if not perceptual:
+        cfg.loss.perceptual_weight = 0.0
+    elif cfg.loss.perceptual_weight == 0:  # presets that switch it off (smoke) get the recipe's 0.1
+        cfg.loss.perceptual_weight = 0.1
+    cfg.loss.vgg_weights = "random"
+    torch.manual_seed(seed)
+    model = build_model(cfg).to(dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "RANDOM VGG16" is stated in the table instead
+        loss_fn = build_loss(cfg).to(dev)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.rand(batch, 1, image_size, image_size, generator=gen).to(dev)
+    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+    step_model = torch.compile(model) if s.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
+    amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.amp or "")
+    if amp is not None and dev.type != "cuda":
+        raise SpatialVAEError(f"{s.name}: autocast settings are measured on CUDA only")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    ctx = (lambda: torch.autocast("cuda", dtype=amp)) if amp is not None else nullcontext
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        with ctx():
+            recon, mu, logvar = step_model(x, sample_posterior=False)  # deterministic: comparable losses
+            total, _ = loss_fn(recon, x, mu, logvar, 1e-3)
+        scaler.scale(total).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        return float(total.detach())
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    sync()
+    t0 = time.perf_counter()
+    first_loss = step()  # the warm-up (and the compile, when compiling); its loss is the safety check
+    sync()
+    warmup = time.perf_counter() - t0
+    if s.compile:
+        step()  # some backends finish compiling on the second call
+    times = []
+    finite = True
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        finite &= bool(torch.isfinite(torch.tensor(step())))
+        sync()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"setting": s.name, "perceptual": perceptual, "first_loss": first_loss, "finite": finite,
+            "warmup_seconds": round(warmup, 3), "step_seconds": [round(t, 4) for t in times],
+            "median_step_seconds": round(med, 4), "images_per_s": round(batch / med, 2),
+            "peak_memory_mb": round(_peak_memory_mb(dev) - (0 if dev.type == "cuda" else rss_before), 1),
+            "peak_memory_kind": ("CUDA max allocated" if dev.type == "cuda"
+                                 else "process peak RSS minus the RSS after importing torch"),
+            "device": str(dev), "threads": torch.get_num_threads()}
+
+
+def _run_in_child(args: dict, timeout: float) -> dict:
+    """measure_step in a fresh interpreter; errors come back as {"error": reason}."""
+    cmd = [sys.executable, "-m", "spatialvae.bench", json.dumps(args)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail[:300]}
+    return json.loads(lines[-1])
+
+
+# ---- FLOPs and the T4 projection -------------------------------------------------------------------
+
+def count_flops(preset: str = "seed", image_size: int = 128) -> dict:
+    """FLOPs per image (convs, matmuls, attention; not norms/activations), batch of 2 divided by 2."""
+    import warnings
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .config import get_preset
+    from .losses import build_loss
+    from .model import build_model
+
+    cfg = get_preset(preset).with_overrides({"data.image_size": image_size})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x = torch.rand(2, 1, image_size, image_size)
+
+    def flops(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 2
+
+    def step(loss_fn):
+        recon, mu, logvar = model(x)
+        return loss_fn(recon, x, mu, logvar, 1e-3)[0]
+
+    plain = build_loss(cfg.with_overrides({"loss.perceptual_weight": 0.0}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vgg = build_loss(cfg.with_overrides({"loss.perceptual_weight": 0.1, "loss.vgg_weights": "random"}))
+    from .model import count_parameters
+
+    return {
+        "preset": preset, "image_size": image_size, "parameters": count_parameters(model),
+        "latent_shape": list(model.latent_shape),
+        "model_forward": flops(lambda: model(x)),
+        "model_forward_backward": flops(lambda: step(plain).backward()),
+        "with_perceptual_forward_backward": flops(lambda: step(vgg).backward()),
+        "with_perceptual_forward": flops(lambda: step(vgg)),
+    }
+
+
+def t4_projection(flops: dict, train_images: int = KAGGLE_TRAIN_IMAGES, val_images: int = KAGGLE_VAL_IMAGES,
+                  epochs: int = 150) -> dict:
+    """Hours for the recipe's schedule on one T4 at the assumed utilisations of its fp16 peak.
+    FLOPs only: data loading, host syncs and memory-bound layers make this a lower bound."""
+    per_epoch = (train_images * flops["with_perceptual_forward_backward"]
+                 + val_images * flops["with_perceptual_forward"])
+    total = per_epoch * epochs
+    hours = {f"{int(u * 100)}% of fp16 peak": round(total / (T4_FP16_TFLOPS * 1e12 * u) / 3600, 2)
+             for u in T4_UTILISATION}
+    hours["100% of fp32 peak (no AMP)"] = round(total / (T4_FP32_TFLOPS * 1e12) / 3600, 2)
+    return {"total_pflop": round(total / 1e15, 2), "epochs": epochs, "train_images": train_images,
+            "val_images": val_images, "hours": hours,
+            "note": "FLOP-based; the recipe's own estimate is 3-6 GPU hours"}
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+def _full_size_decode(args):
+    """A full-resolution cv2 decode, then the same CLAHE + resize: what per-epoch code usually does."""
+    import cv2
+
+    from . import data as D
+
+    cv2.setNumThreads(1)
+    path, size, clip, tiles = args
+    gray = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    return D.preprocess(gray, size, clip, tiles), (gray.shape[1], gray.shape[0]), "L", None
+
+
+def bench_data(data_root, image_size: int = 128, kaggle_n: int = 200, batch: int = 32,
+               workers: Optional[int] = None) -> dict:
+    """Preprocessing rate (Kaggle-size; all cores, one core, naive full-size decode), cache load,
+    cached epoch (0 and 2 loader workers) vs decoding every epoch."""
+    import cv2
+
+    from . import data as D
+
+    cores = workers or D._default_workers()
+    plan = D.plan_splits(data_root)
+    train = plan.files["train"]
+    if not train:
+        raise SpatialVAEError(f"no training images under {plan.root}")
+    res: dict = {"cores": cores, "image_size": image_size}
+
+    def rate(entries, n_workers) -> float:
+        t0 = time.perf_counter()
+        D.load_split(entries, image_size, workers=n_workers, use_cache=False, progress=False)
+        return round(len(entries) / (time.perf_counter() - t0), 1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        entries = []
+        for i, e in enumerate(train[:kaggle_n]):  # Kaggle's originals are ~1500x1200 grayscale JPEGs
+            gray = cv2.imread(e.path, cv2.IMREAD_GRAYSCALE)
+            big = cv2.resize(gray, (1500, 1200), interpolation=cv2.INTER_CUBIC)
+            p = os.path.join(tmp, f"IM-{i:04d}-0001.jpeg")
+            cv2.imwrite(p, big, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            entries.append(D.FileEntry(p, e.label, f"IM-{i:04d}"))
+        all_cores = rate(entries, cores)
+        one = rate(entries, 1)
+        reduced_decode = D._process_file
+        D._process_file = _full_size_decode  # module-level, so the worker processes see it too (fork)
+        try:
+            naive = rate(entries, cores)
+        finally:
+            D._process_file = reduced_decode
+        res["kaggle_size_preprocess"] = {"images": len(entries), "images_per_s": all_cores, "processes": cores,
+                                         "images_per_s_one_process": one,
+                                         "images_per_s_full_size_decode": naive}
+
+        cache = Path(tmp) / "cache"
+        D.ChestXRayDataset(data_root, "train", image_size=image_size, cache_dir=cache, progress=False)
+        D._MEMO.clear()  # the next load reads the file, not the in-process memo
+        t0 = time.perf_counter()
+        ds = D.ChestXRayDataset(data_root, "train", image_size=image_size, cache_dir=cache, progress=False)
+        res["cache_load_seconds"] = round(time.perf_counter() - t0, 3)
+        res["cache_images"] = len(ds)
+        for loader_workers in (0, 2):
+            loader = D.make_dataloader(ds, batch, train=True, num_workers=loader_workers)
+            times = []
+            for epoch in range(3):
+                ds.set_epoch(epoch)
+                t0 = time.perf_counter()
+                n = sum(int(xb.shape[0]) for xb, _ in loader)
+                times.append(time.perf_counter() - t0)
+            key = "cached_epoch" if loader_workers == 0 else "cached_epoch_2_workers"
+            res[key] = {"images": n, "seconds": round(statistics.median(times), 4), "batch": batch}
+        res["decode_every_epoch_seconds"] = round(len(ds) / all_cores, 2)  # at the Kaggle-size rate above
+        res["decode_vs_cached"] = round(len(ds) / all_cores / max(res["cached_epoch"]["seconds"], 1e-9), 1)
+    return res
+
+
+# ---- the whole benchmark -------------------------------------------------------------------------
+
+def run_bench(data_root=None, preset: str = "seed", image_size: int = 128, batch: int = 32, repeats: int = 3,
+              settings: Optional[Sequence[str]] = None, perceptual: Sequence[bool] = (False, True),
+              kaggle_n: int = 200, skip_data: bool = False, timeout: float = 900.0, progress: bool = True) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    all_settings = CPU_SETTINGS + (CUDA_EXTRA if cuda else ())
+    chosen = [s for s in all_settings if settings is None or s.name in settings]
+    unknown = sorted(set(settings or ()) - {s.name for s in all_settings})
+    if unknown:
+        raise SpatialVAEError(f"unknown setting(s) {', '.join(unknown)}: choose from "
+                              f"{', '.join(s.name for s in all_settings)}")
+    if chosen[0].name != "eager":
+        chosen = [CPU_SETTINGS[0]] + [s for s in chosen if s.name != "eager"]  # ratios need the baseline
+    out: dict = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                             "cuda": torch.cuda.get_device_name(0) if cuda else None},
+                 "step": {"preset": preset, "image_size": image_size, "batch": batch, "repeats": repeats,
+                          "what": "forward + loss + backward + clip + AdamW step; perceptual = RANDOM VGG16"}}
+    if not skip_data:
+        _say(progress, "data: preprocessing Kaggle-size images, cache load, cached epoch ...")
+        out["data"] = bench_data(data_root, image_size=image_size, kaggle_n=kaggle_n, batch=batch)
+    _say(progress, "FLOPs ...")
+    out["flops"] = count_flops(preset, image_size)
+    out["models"] = [count_flops(p, size) for p, size in (("seed", 128), ("quick", 64), ("original", 128))]
+    rows = []
+    for perc in perceptual:
+        base = None
+        for s in chosen:
+            _say(progress, f"step: {s.name}, perceptual {'on' if perc else 'off'} ...")
+            r = _run_in_child({"preset": preset, "image_size": image_size, "batch": batch, "perceptual": perc,
+                               "setting": asdict(s), "repeats": repeats}, timeout)
+            r.setdefault("setting", s.name)
+            r["perceptual"] = perc
+            if s.name == "eager":
+                base = r
+            rows.append(_judge(r, base))
+    out["steps"] = rows
+    out["recommended"] = recommend(rows)
+    if "data" in out:
+        eager = next((r for r in rows if r["setting"] == "eager" and not r["perceptual"] and "error" not in r), None)
+        if eager:
+            d = out["data"]
+            steps = d["cache_images"] // batch
+            d["model_epoch_seconds"] = round(steps * eager["median_step_seconds"], 1)
+            d["data_share_of_epoch"] = round(d["cached_epoch"]["seconds"] / max(d["model_epoch_seconds"], 1e-9), 5)
+    out["t4_projection"] = t4_projection(out["flops"])
+    return out
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _judge(r: dict, base: Optional[dict]) -> dict:
+    """Add the ratio to eager and the safety verdict (finite, first loss within tolerance)."""
+    if "error" in r or base is None or "error" in base:
+        r.update({"speedup": None, "safe": False})
+        return r
+    r["speedup"] = round(r["images_per_s"] / base["images_per_s"], 3)
+    tol = 5e-2 if "fp16" in r["setting"] or "bf16" in r["setting"] else 1e-3
+    rel = abs(r["first_loss"] - base["first_loss"]) / max(abs(base["first_loss"]), 1e-12)
+    r["loss_rel_diff"] = rel
+    r["safe"] = bool(r["finite"] and rel <= tol)
+    return r
+
+
+def recommend(rows: list[dict]) -> dict:
+    """The fastest safe setting, per perceptual on/off (ties and slower ones keep eager)."""
+    rec = {}
+    for perc in sorted({r["perceptual"] for r in rows}):
+        ok = [r for r in rows if r["perceptual"] == perc and "error" not in r
+              and (r.get("safe") or r["setting"] == "eager")]
+        if ok:
+            best = max(ok, key=lambda r: r["images_per_s"])
+            rec["perceptual_on" if perc else "perceptual_off"] = {"setting": best["setting"],
+                                                                  "speedup": best.get("speedup")}
+    return rec
+
+
+def bench_table(res: dict) -> str:
+    def f(v, fmt):
+        return "n/a" if v is None else fmt.format(v)
+
+    lines = []
+    m = res["machine"]
+    lines.append(f"torch {m['torch']}, {m['cpus']} CPUs{', ' + m['cuda'] if m['cuda'] else ', no CUDA'}")
+    if "data" in res:
+        d = res["data"]
+        k = d["kaggle_size_preprocess"]
+        lines += ["", "| data | figure |", "|---|---:|",
+                  f"| one-time preprocessing, Kaggle-size 1500x1200 JPEG, {k['processes']} processes | "
+                  f"{k['images_per_s']:.0f} img/s |",
+                  f"| the same, one process | {k['images_per_s_one_process']:.0f} img/s |",
+                  f"| the same, naive full-size decode, {k['processes']} processes | "
+                  f"{k['images_per_s_full_size_decode']:.0f} img/s |",
+                  f"| cache file load ({d['cache_images']} train images at {d['image_size']} px) | "
+                  f"{d['cache_load_seconds']:.2f} s |",
+                  f"| one epoch of batches from the cache, num_workers=0 | {d['cached_epoch']['seconds']:.3f} s |",
+                  f"| the same, num_workers=2 | {d['cached_epoch_2_workers']['seconds']:.3f} s |",
+                  f"| one epoch decoding Kaggle-size originals instead | {d['decode_every_epoch_seconds']:.1f} s "
+                  f"({d['decode_vs_cached']:.0f}x) |"]
+        if "data_share_of_epoch" in d:
+            lines.append(f"| cached data time / eager training epoch ({d['model_epoch_seconds']:.0f} s) | "
+                         f"{d['data_share_of_epoch'] * 100:.2f}% |")
+    st = res["step"]
+    lines += ["", "| model | image | parameters | latent | GFLOPs/image forward | fwd+bwd | fwd+bwd with VGG16 loss |",
+              "|---|---:|---:|---|---:|---:|---:|"]
+    for fl in res.get("models", [res["flops"]]):
+        lines.append(f"| {fl['preset']} | {fl['image_size']} | {fl['parameters']:,} | {tuple(fl['latent_shape'])} | "
+                     f"{fl['model_forward'] / 1e9:.2f} | {fl['model_forward_backward'] / 1e9:.2f} | "
+                     f"{fl['with_perceptual_forward_backward'] / 1e9:.2f} |")
+    lines += ["", f"| training step, batch {st['batch']} at {st['image_size']} px | perceptual | img/s | "
+                  "vs eager | step s | warm-up s | peak MB | safe |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in res["steps"]:
+        if "error" in r:
+            lines.append(f"| {r['setting']} | {'on' if r['perceptual'] else 'off'} | unavailable: {r['error']} "
+                         "| | | | | |")
+            continue
+        lines.append(f"| {r['setting']} | {'on' if r['perceptual'] else 'off'} | {r['images_per_s']:.1f} | "
+                     f"{f(r['speedup'], '{:.2f}x')} | {r['median_step_seconds']:.2f} | {r['warmup_seconds']:.1f} | "
+                     f"{r['peak_memory_mb']:.0f} | {'yes' if r['safe'] else 'no'} |")
+    rec = res["recommended"]
+    lines += ["", "fastest safe setting: " + "; ".join(f"{k.replace('_', ' ')}: {v['setting']} "
+                                                       f"({f(v['speedup'], '{:.2f}x')})" for k, v in rec.items())]
+    t4 = res["t4_projection"]
+    lines += [f"T4 projection of the {t4['epochs']}-epoch schedule ({t4['total_pflop']} PFLOP, FLOPs only): "
+              + ", ".join(f"{h} h at {k}" for k, h in t4["hours"].items())]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the child process of _run_in_child
+    try:
+        print(json.dumps(measure_step(**json.loads(sys.argv[1]))))
+    except Exception as e:  # reported as this setting's "error", never a crash of the whole bench
+        from .errors import short_reason
+        print(f"{type(e).__name__}: {short_reason(e)}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,89 @@
+"""Benchmark plumbing (not speed): ratios to eager from the same run, the safety verdict, the
+recommendation, the T4 projection arithmetic, and the bench command end to end at toy size."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from spatialvae.bench import (T4_FP16_TFLOPS, T4_FP32_TFLOPS, _judge, measure_step, recommend,
+                              t4_projection)
+from spatialvae.cli import main
+
+
+def row(setting, ips, loss=1.0, perceptual=False, finite=True):
+    return {"setting": setting, "images_per_s": ips, "first_loss": loss, "finite": finite, "perceptual": perceptual}
+
+
+def test_speedup_is_the_ratio_to_eager_and_unsafe_settings_are_never_recommended():
+    eager = _judge(row("eager", 10.0), None)
+    assert eager["speedup"] is None and eager["safe"] is False  # judged against itself below
+    eager = _judge(row("eager", 10.0), row("eager", 10.0))
+    rows = [eager,
+            _judge(row("channels_last", 13.0), eager),
+            _judge(row("compile", 40.0, loss=1.01), eager),  # fastest, but its loss differs by 1%
+            _judge(row("compile+channels_last", 50.0, finite=False), eager),  # fastest, NaN
+            {"setting": "fp16", "perceptual": False, "error": "no CUDA"}]
+    rows[-1] = _judge(rows[-1], eager)
+    assert eager["speedup"] == 1.0 and eager["safe"]
+    assert rows[1]["speedup"] == 1.3 and rows[1]["safe"]
+    assert rows[2]["speedup"] == 4.0 and not rows[2]["safe"]
+    assert not rows[3]["safe"] and not rows[4]["safe"]
+    assert recommend(rows) == {"perceptual_off": {"setting": "channels_last", "speedup": 1.3}}
+
+
+def test_eager_stays_recommended_when_nothing_is_faster():
+    eager = _judge(row("eager", 10.0, perceptual=True), row("eager", 10.0, perceptual=True))
+    slower = _judge(row("channels_last", 2.0, perceptual=True), eager)
+    assert recommend([eager, slower]) == {"perceptual_on": {"setting": "eager", "speedup": 1.0}}
+
+
+def test_amp_settings_get_a_looser_loss_tolerance():
+    eager = _judge(row("eager", 10.0), row("eager", 10.0))
+    assert _judge(row("fp16", 30.0, loss=1.02), eager)["safe"]
+    assert not _judge(row("fp16", 30.0, loss=1.2), eager)["safe"]
+
+
+def test_t4_projection_arithmetic():
+    flops = {"with_perceptual_forward_backward": 2e10, "with_perceptual_forward": 1e10}
+    p = t4_projection(flops, train_images=1000, val_images=100, epochs=10)
+    total = (1000 * 2e10 + 100 * 1e10) * 10  # 2.1e14 FLOPs
+    assert p["total_pflop"] == round(total / 1e15, 2)
+    assert p["hours"]["30% of fp16 peak"] == round(total / (T4_FP16_TFLOPS * 1e12 * 0.3) / 3600, 2)
+    assert p["hours"]["100% of fp32 peak (no AMP)"] == round(total / (T4_FP32_TFLOPS * 1e12) / 3600, 2)
+
+
+def test_measure_step_times_the_requested_steps_and_is_deterministic():
+    args = dict(preset="smoke", image_size=32, batch=4, perceptual=False, repeats=2, device="cpu")
+    a = measure_step(setting={"name": "eager"}, **args)
+    b = measure_step(setting={"name": "channels_last", "channels_last": True}, **args)
+    assert len(a["step_seconds"]) == 2 and a["images_per_s"] > 0 and a["finite"]
+    assert a["images_per_s"] == pytest.approx(4 / a["median_step_seconds"], rel=1e-2)
+    assert math.isfinite(a["first_loss"])
+    assert b["first_loss"] == pytest.approx(a["first_loss"], rel=1e-4)  # same weights, same batch
+
+
+def test_bench_command_writes_json_and_table(real_data_root, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--data", str(real_data_root), "--preset", "smoke", "--image-size", "32", "--batch", "4",
+                 "--repeats", "1", "--settings", "eager,channels_last", "--perceptual", "off", "--kaggle-n", "4",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    res = json.loads(out.read_text())
+    steps = {r["setting"]: r for r in res["steps"]}
+    assert set(steps) == {"eager", "channels_last"} and steps["eager"]["speedup"] == 1.0
+    cl = steps["channels_last"]
+    assert cl["speedup"] == round(cl["images_per_s"] / steps["eager"]["images_per_s"], 3)
+    d = res["data"]
+    assert d["kaggle_size_preprocess"]["images"] == 4 and d["cached_epoch"]["images"] == d["cache_images"] // 4 * 4
+    assert 0 < d["data_share_of_epoch"] < 1
+    assert res["flops"]["with_perceptual_forward_backward"] > res["flops"]["model_forward_backward"] > 0
+    assert "| eager | off |" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_settings(capsys):
+    assert main(["bench", "--skip-data", "--settings", "eager,turbo", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "turbo" in err and "channels_last" in err
