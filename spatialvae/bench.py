@@ -378,6 +378,16 @@ def recommend(rows: list[dict]) -> dict:
     return rec
 
 
+def setting_flags(name: str) -> str:
+    """The `train --set` flags that select a measured setting (AMP is already on by default on CUDA)."""
+    flags = []
+    if "channels_last" in name:
+        flags.append("--set train.channels_last=true")
+    if "compile" in name:
+        flags.append("--set train.compile=true")
+    return " ".join(flags) or "(the defaults)"
+
+
 def bench_table(res: dict) -> str:
     def f(v, fmt):
         return "n/a" if v is None else fmt.format(v)
@@ -421,8 +431,8 @@ def bench_table(res: dict) -> str:
                      f"{f(r['speedup'], '{:.2f}x')} | {r['median_step_seconds']:.2f} | {r['warmup_seconds']:.1f} | "
                      f"{r['peak_memory_mb']:.0f} | {'yes' if r['safe'] else 'no'} |")
     rec = res["recommended"]
-    lines += ["", "fastest safe setting: " + "; ".join(f"{k.replace('_', ' ')}: {v['setting']} "
-                                                       f"({f(v['speedup'], '{:.2f}x')})" for k, v in rec.items())]
+    lines += [""] + [f"fastest safe setting, {k.replace('_', ' ')}: {v['setting']} ({f(v['speedup'], '{:.2f}x')}"
+                     f" eager) -> train {setting_flags(v['setting'])}" for k, v in rec.items()]
     t4 = res["t4_projection"]
     lines += [f"T4 projection of the {t4['epochs']}-epoch schedule ({t4['total_pflop']} PFLOP, FLOPs only): "
               + ", ".join(f"{h} h at {k}" for k, h in t4["hours"].items())]

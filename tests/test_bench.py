@@ -9,7 +9,7 @@ import math
 import pytest
 
 from spatialvae.bench import (T4_FP16_TFLOPS, T4_FP32_TFLOPS, _judge, measure_step, recommend,
-                              t4_projection)
+                              setting_flags, t4_projection)
 from spatialvae.cli import main
 
 
@@ -44,6 +44,15 @@ def test_amp_settings_get_a_looser_loss_tolerance():
     eager = _judge(row("eager", 10.0), row("eager", 10.0))
     assert _judge(row("fp16", 30.0, loss=1.02), eager)["safe"]
     assert not _judge(row("fp16", 30.0, loss=1.2), eager)["safe"]
+
+
+@pytest.mark.parametrize("name, flags", [
+    ("eager", "(the defaults)"), ("fp16", "(the defaults)"),
+    ("channels_last", "--set train.channels_last=true"),
+    ("compile+channels_last", "--set train.channels_last=true --set train.compile=true"),
+])
+def test_recommended_setting_is_printed_as_train_flags(name, flags):
+    assert setting_flags(name) == flags
 
 
 def test_t4_projection_arithmetic():
