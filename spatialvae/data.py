@@ -445,6 +445,29 @@ def load_split(entries: Sequence[FileEntry], image_size: int, clahe_clip: float 
     return split
 
 
+class _OpenCVForkSafe:
+    """Stop OpenCV's worker threads in this process while worker processes are forked.
+
+    A fork copies OpenCV's thread pool in whatever state it is in, and the child's first
+    ``cv2.setNumThreads`` then waits forever for threads that do not exist there. That happened as
+    soon as the caller had used cv2 itself first (a notebook's histogram cell, the bench command).
+    ``setNumThreads(1)`` here joins the pool before the fork; the caller's setting comes back after.
+    (Fork is kept, rather than spawn/forkserver, so scripts need no ``if __name__ == "__main__"``.)
+    """
+
+    def __enter__(self):
+        import cv2
+
+        self.previous = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        return self
+
+    def __exit__(self, *exc):
+        import cv2
+
+        cv2.setNumThreads(self.previous)
+
+
 def _map_with_progress(fn, jobs: list, workers: int, progress: bool, desc: str) -> list:
     from tqdm.std import tqdm  # plain text bar: renders in committed (headless) Kaggle runs too
 
@@ -458,7 +481,7 @@ def _map_with_progress(fn, jobs: list, workers: int, progress: bool, desc: str) 
                 bar.update()
         else:
             chunk = max(1, min(64, len(jobs) // (workers * 8)))
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with _OpenCVForkSafe(), ProcessPoolExecutor(max_workers=workers) as pool:
                 for r in pool.map(fn, jobs, chunksize=chunk):
                     out.append(r)
                     bar.update()

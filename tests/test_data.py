@@ -321,3 +321,31 @@ def test_real_data_subset_loads(real_data_root):
         x, _ = ds[0]
         assert x.shape == (1, 64, 64) and 0 <= float(x.min()) and float(x.max()) <= 1
     assert set(np.unique(splits.train.orig_sizes)) == {224}
+
+
+def test_parallel_preprocessing_after_opencv_was_used_in_this_process_does_not_hang(tmp_path):
+    """Regression: forking workers while OpenCV's thread pool was running hung them for ever
+    (the bench command and a notebook's histogram cell both use cv2 before decoding)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import numpy as np, cv2
+        from PIL import Image
+        from spatialvae import data as D
+        entries = []
+        for i in range(80):  # more than the 64 files below which decoding stays in-process
+            p = "{tmp_path}/IM-%04d-0001.jpeg" % i
+            Image.fromarray((np.random.default_rng(i).random((96, 96)) * 255).astype(np.uint8)).save(p)
+            entries.append(D.FileEntry(p, 0, "IM-%04d" % i))
+        threads = cv2.getNumThreads()
+        for _ in range(3):
+            cv2.resize(np.random.rand(1500, 1500).astype(np.float32), (1200, 1200))  # starts cv2's pool
+        out = D.load_split(entries, 32, workers=2, use_cache=False, progress=False)
+        assert cv2.getNumThreads() == threads  # the caller's OpenCV setting is given back
+        print("decoded", len(out.images))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "decoded 80"
