@@ -9,8 +9,9 @@
   without the perceptual term (RANDOM VGG16 weights: the cost of ImageNet weights, no download),
   for eager fp32 NCHW, ``channels_last``, ``torch.compile`` and both, plus fp16/bf16 autocast on
   CUDA. Each setting runs in its own process (clean peak memory, no shared compile cache) on the
-  same seeded weights and batch; its first loss must match eager's to count as *safe*. Speeds are
-  ratios to eager from the same run;
+  same seeded weights and batch; its losses over the same sequence of updates must match eager's
+  (1e-3 relative; 5e-2 under autocast) to count as *safe*. Speeds are ratios to eager from the
+  same run;
 - FLOPs per image (`torch.utils.flop_counter`) and a projection of the recipe's 150-epoch
   schedule onto a Kaggle T4 from them.
 """
@@ -124,21 +125,25 @@ def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, set
         torch.cuda.reset_peak_memory_stats(dev)
     sync()
     t0 = time.perf_counter()
-    first_loss = step()  # the warm-up (and the compile, when compiling); its loss is the safety check
+    first_loss = step()  # the warm-up (and the compile, when compiling)
     sync()
     warmup = time.perf_counter() - t0
-    if s.compile:
-        step()  # some backends finish compiling on the second call
+    step()  # every setting makes the same number of updates; compiled code may finish compiling here
     times = []
     finite = True
+    last_loss = first_loss
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
-        finite &= bool(torch.isfinite(torch.tensor(step())))
+        last_loss = step()
         sync()
         times.append(time.perf_counter() - t0)
+        finite &= bool(torch.isfinite(torch.tensor(last_loss)))
     med = statistics.median(times)
-    return {"setting": s.name, "perceptual": perceptual, "first_loss": first_loss, "finite": finite,
+    # The safety check compares the loss after repeats + 2 identical updates with eager's: the first
+    # loss alone can match bit for bit (a near-constant decoder output at initialisation).
+    return {"setting": s.name, "perceptual": perceptual, "first_loss": first_loss, "last_loss": last_loss,
+            "finite": finite,
             "warmup_seconds": round(warmup, 3), "step_seconds": [round(t, 4) for t in times],
             "median_step_seconds": round(med, 4), "images_per_s": round(batch / med, 2),
             "peak_memory_mb": round(_peak_memory_mb(dev) - (0 if dev.type == "cuda" else rss_before), 1),
@@ -359,7 +364,7 @@ def _judge(r: dict, base: Optional[dict]) -> dict:
         return r
     r["speedup"] = round(r["images_per_s"] / base["images_per_s"], 3)
     tol = 5e-2 if "fp16" in r["setting"] or "bf16" in r["setting"] else 1e-3
-    rel = abs(r["first_loss"] - base["first_loss"]) / max(abs(base["first_loss"]), 1e-12)
+    rel = max(abs(r[k] - base[k]) / max(abs(base[k]), 1e-12) for k in ("first_loss", "last_loss"))
     r["loss_rel_diff"] = rel
     r["safe"] = bool(r["finite"] and rel <= tol)
     return r

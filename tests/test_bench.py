@@ -13,8 +13,9 @@ from spatialvae.bench import (T4_FP16_TFLOPS, T4_FP32_TFLOPS, _judge, measure_st
 from spatialvae.cli import main
 
 
-def row(setting, ips, loss=1.0, perceptual=False, finite=True):
-    return {"setting": setting, "images_per_s": ips, "first_loss": loss, "finite": finite, "perceptual": perceptual}
+def row(setting, ips, loss=1.0, perceptual=False, finite=True, first=1.0):
+    return {"setting": setting, "images_per_s": ips, "first_loss": first, "last_loss": loss, "finite": finite,
+            "perceptual": perceptual}
 
 
 def test_speedup_is_the_ratio_to_eager_and_unsafe_settings_are_never_recommended():
@@ -23,7 +24,7 @@ def test_speedup_is_the_ratio_to_eager_and_unsafe_settings_are_never_recommended
     eager = _judge(row("eager", 10.0), row("eager", 10.0))
     rows = [eager,
             _judge(row("channels_last", 13.0), eager),
-            _judge(row("compile", 40.0, loss=1.01), eager),  # fastest, but its loss differs by 1%
+            _judge(row("compile", 40.0, loss=1.01), eager),  # fast, but after a few updates its loss is 1% off
             _judge(row("compile+channels_last", 50.0, finite=False), eager),  # fastest, NaN
             {"setting": "fp16", "perceptual": False, "error": "no CUDA"}]
     rows[-1] = _judge(rows[-1], eager)
@@ -38,6 +39,11 @@ def test_eager_stays_recommended_when_nothing_is_faster():
     eager = _judge(row("eager", 10.0, perceptual=True), row("eager", 10.0, perceptual=True))
     slower = _judge(row("channels_last", 2.0, perceptual=True), eager)
     assert recommend([eager, slower]) == {"perceptual_on": {"setting": "eager", "speedup": 1.0}}
+
+
+def test_a_first_loss_that_differs_is_unsafe_too():
+    eager = _judge(row("eager", 10.0), row("eager", 10.0))
+    assert not _judge(row("channels_last", 13.0, first=1.01), eager)["safe"]
 
 
 def test_amp_settings_get_a_looser_loss_tolerance():
@@ -72,6 +78,8 @@ def test_measure_step_times_the_requested_steps_and_is_deterministic():
     assert a["images_per_s"] == pytest.approx(4 / a["median_step_seconds"], rel=1e-2)
     assert math.isfinite(a["first_loss"])
     assert b["first_loss"] == pytest.approx(a["first_loss"], rel=1e-4)  # same weights, same batch
+    assert b["last_loss"] == pytest.approx(a["last_loss"], rel=1e-4)  # and the same 4 updates
+    assert a["last_loss"] != a["first_loss"]  # the updates happened
 
 
 def test_bench_command_writes_json_and_table(real_data_root, tmp_path, capsys):
