@@ -59,14 +59,36 @@ CUDA_EXTRA = (StepSetting("fp16", amp="fp16"), StepSetting("bf16", amp="bf16"),
 
 # ---- one training-step measurement (runs in a child process) ---------------------------------
 
-def _peak_memory_mb(device) -> float:
-    import torch
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB, whole process
+class _PeakRss:
+    """Polls the resident memory every 2 ms in a thread: the peak *during* the block, which the
+    process-wide ru_maxrss cannot give (it keeps whatever peak importing torch reached)."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
 
 
 def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, setting: dict, repeats: int,
@@ -82,7 +104,7 @@ def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, set
     from .model import build_model
 
     s = StepSetting(**setting)
-    rss_before = _peak_memory_mb(torch.device("cpu"))  # the interpreter + torch, before any model exists
+    rss_before = _rss_mb()  # the interpreter + torch, before any model exists
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     cfg = get_preset(preset).with_overrides({"data.image_size": image_size})
     if not perceptual:
@@ -132,13 +154,15 @@ def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, set
     times = []
     finite = True
     last_loss = first_loss
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        last_loss = step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        finite &= bool(torch.isfinite(torch.tensor(last_loss)))
+    with _PeakRss() as rss:  # steady-state steps only: compile-time memory is not a training cost
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            last_loss = step()
+            sync()
+            times.append(time.perf_counter() - t0)
+            finite &= bool(torch.isfinite(torch.tensor(last_loss)))
+    peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else rss.peak - rss_before
     med = statistics.median(times)
     # The safety check compares the loss after repeats + 2 identical updates with eager's: the first
     # loss alone can match bit for bit (a near-constant decoder output at initialisation).
@@ -146,9 +170,9 @@ def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, set
             "finite": finite,
             "warmup_seconds": round(warmup, 3), "step_seconds": [round(t, 4) for t in times],
             "median_step_seconds": round(med, 4), "images_per_s": round(batch / med, 2),
-            "peak_memory_mb": round(_peak_memory_mb(dev) - (0 if dev.type == "cuda" else rss_before), 1),
+            "peak_memory_mb": round(peak_mb, 1),
             "peak_memory_kind": ("CUDA max allocated" if dev.type == "cuda"
-                                 else "process peak RSS minus the RSS after importing torch"),
+                                 else "peak resident memory during the timed steps minus that after importing torch"),
             "device": str(dev), "threads": torch.get_num_threads()}
 
 

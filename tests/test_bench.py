@@ -104,3 +104,19 @@ def test_bench_rejects_unknown_settings(capsys):
     assert main(["bench", "--skip-data", "--settings", "eager,turbo", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "turbo" in err and "channels_last" in err
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    import numpy as np
+
+    from spatialvae.bench import _PeakRss, _rss_mb
+
+    if _rss_mb() == 0:
+        pytest.skip("no /proc/self/statm on this platform")
+    with _PeakRss() as rss:
+        before = _rss_mb()
+        block = np.ones(200 * 2**20 // 8)  # 200 MB, touched, then freed inside the block
+        import time
+        time.sleep(0.05)
+        del block
+    assert rss.peak - before >= 190
