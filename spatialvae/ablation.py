@@ -164,8 +164,10 @@ def _row(name: str, cfg: Config, run_dir: Path, metrics: dict, history: list[dic
 
 
 def _comparable(cfg: Config) -> dict:
+    """The config without where the data lives and speed-only switches (same results, other speed)."""
     d = cfg.to_dict()
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("root", "cache_dir", "preprocess_workers")}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("channels_last", "compile")}
     return d
 
 

@@ -142,3 +142,14 @@ def test_ablate_without_vgg_weights_fails_before_training(real_data_root, tmp_pa
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err
     assert "random" in err and offline  # names the way out; a download was tried and refused
     assert not (out / "recipe").exists()
+
+
+def test_resuming_accepts_speed_switches_but_not_a_different_budget(tmp_path):
+    from spatialvae.ablation import _check_same_base
+
+    base = ablation_base("smoke", (1, 1), "off")
+    (tmp_path / "base_config.json").write_text(base.to_json())
+    _check_same_base(tmp_path, base.with_overrides(["train.channels_last=false", "train.compile=true",
+                                                    "data.root=/elsewhere"]))
+    with pytest.raises(ConfigError, match="train.phase2.epochs"):
+        _check_same_base(tmp_path, ablation_base("smoke", (1, 2), "off"))
