@@ -60,8 +60,11 @@ def _plt():
 
 def _finish(fig, path):
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
+    if path is not None:  # crash-safe like every other file we write (files.atomic_write)
+        from .files import atomic_write
+
+        fmt = Path(path).suffix.lstrip(".").lower() or "png"
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=110))
     return fig
 
 
