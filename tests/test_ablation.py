@@ -8,19 +8,10 @@ import json
 import pytest
 
 from spatialvae.ablation import VARIANT_NAMES, ablation_base, ablation_table, variant_configs
+from spatialvae.ablation import _flat as flat
 from spatialvae.cli import main
 from spatialvae.errors import ConfigError
 from spatialvae.training import get_beta, total_epochs
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def changed(a, b) -> set:
