@@ -95,13 +95,14 @@ def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, set
                  device: str = "auto", seed: int = 0) -> dict:
     """Time ``repeats`` training steps after warm-up; returns images/s, first loss, peak memory."""
     import warnings
-    from contextlib import nullcontext
 
     import torch
 
     from .config import get_preset
+    from .engine import autocast_context, train_step
     from .losses import build_loss
     from .model import build_model
+    from .training import final_beta
 
     s = StepSetting(**setting)
     rss_before = _rss_mb()  # the interpreter + torch, before any model exists
@@ -123,25 +124,23 @@ def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, set
     model = model.to(memory_format=fmt)
     x = x.contiguous(memory_format=fmt)
     step_model = torch.compile(model) if s.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
+    # The trainer's own step (engine.train_step) with the preset's lr, weight decay, clip and final
+    # beta, sampling the posterior: what is timed is what trains.
+    t = cfg.train
+    first = t.phase1 if t.phase1.epochs > 0 else t.phase2
+    opt = torch.optim.AdamW(model.parameters(), lr=first.lr, weight_decay=t.weight_decay)
+    beta = final_beta(t)
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.amp or "")
     if amp is not None and dev.type != "cuda":
         raise SpatialVAEError(f"{s.name}: autocast settings are measured on CUDA only")
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    ctx = (lambda: torch.autocast("cuda", dtype=amp)) if amp is not None else nullcontext
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    params = list(model.parameters())
 
     def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        with ctx():
-            recon, mu, logvar = step_model(x, sample_posterior=False)  # deterministic: comparable losses
-            total, _ = loss_fn(recon, x, mu, logvar, 1e-3)
-        scaler.scale(total).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        return float(total.detach())
+        res = train_step(step_model, loss_fn, opt, scaler, x, beta, t.grad_clip, params,
+                         autocast=lambda: autocast_context(dev, amp))
+        return float(res.total)
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -476,3 +475,65 @@ if __name__ == "__main__":  # the child process of _run_in_child
         from .errors import short_reason
         print(f"{type(e).__name__}: {short_reason(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+# ---- time to quality -----------------------------------------------------------------------------
+
+def time_to_quality(run_dirs: list, thresholds: tuple = (20.0, 24.0, 27.1, 28.7)) -> dict:
+    """Curves and "minutes to reach X dB" from runs trained with ``train --monitor-test``.
+
+    The clock is the sum of each epoch's ``seconds`` (training + validation, not the monitor
+    itself), so it is what the same run costs without watching. Only runs made on the same
+    machine, one at a time, compare."""
+    from .training import read_history_csv
+
+    curves, table = {}, []
+    for run in map(Path, run_dirs):
+        path = run / "history.csv"
+        if not path.is_file():
+            raise SpatialVAEError(f"no history.csv in {run}: pass run folders made by `train`")
+        rows = read_history_csv(path)
+        if not rows or "monitor_psnr" not in rows[0]:
+            raise SpatialVAEError(f"{run} was trained without --monitor-test, so it has no test curve; "
+                                  "train it again with --monitor-test")
+        minutes, total = [], 0.0
+        for r in rows:
+            total += float(r["seconds"]) / 60
+            minutes.append(total)
+        psnr = [float(r["monitor_psnr"]) for r in rows]
+        ssim = [float(r["monitor_ssim"]) for r in rows]
+        first2 = next((i for i, r in enumerate(rows) if int(r["phase"]) == 2), None)
+        boundary = None if first2 is None else (minutes[first2 - 1] if first2 > 0 else 0.0)
+        curves[run.name] = {"minutes": minutes, "psnr": psnr, "ssim": ssim, "boundary": boundary}
+        reach = {f"{t:g}": next((round(m, 2) for m, p in zip(minutes, psnr) if p >= t), None) for t in thresholds}
+        p1 = psnr[first2 - 1] if first2 else None
+        table.append({"run": run.name, "epochs": len(rows), "minutes": round(minutes[-1], 2),
+                      "final_psnr": psnr[-1], "best_psnr": max(psnr), "final_ssim": ssim[-1],
+                      "end_of_phase1_psnr": p1, "minutes_to_db": reach})
+    return {"curves": curves, "table": table, "floors": _floors(run_dirs)}
+
+
+def _floors(run_dirs: list) -> dict:
+    """PSNR / SSIM floors from the first run that has an `evaluate` metrics.json (same test split)."""
+    for run in map(Path, run_dirs):
+        path = run / "metrics.json"
+        if path.is_file():
+            f = json.loads(path.read_text()).get("floors") or {}
+            if "pca" in f:
+                return {f"PCA, {f['pca']['components']} components": f["pca"],
+                        "training mean image": f["mean_image"]}
+    return {}
+
+
+def time_to_quality_table(res: dict) -> str:
+    rows = res["table"]
+    keys = list(rows[0]["minutes_to_db"]) if rows else []
+    head = ("| run | epochs | minutes | test PSNR end of phase 1 | final PSNR | final SSIM | "
+            + " | ".join(f"min to {k} dB" for k in keys) + " |")
+    lines = [head, "|---" * (6 + len(keys)) + "|"]
+    for r in rows:
+        p1 = "n/a" if r["end_of_phase1_psnr"] is None else f"{r['end_of_phase1_psnr']:.2f}"
+        reach = " | ".join("never" if v is None else f"{v:.1f}" for v in r["minutes_to_db"].values())
+        lines.append(f"| {r['run']} | {r['epochs']} | {r['minutes']:.1f} | {p1} | {r['final_psnr']:.2f} | "
+                     f"{r['final_ssim']:.3f} | {reach} |")
+    return "\n".join(lines)

@@ -14,6 +14,7 @@ import warnings
 from typing import Optional, Sequence
 
 from . import __version__
+from .config import PRESETS
 from .errors import SpatialVAEError
 
 
@@ -182,7 +183,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_dir = Path(box[0])
         log = make_logger(run_dir if rank == 0 else None)
         trainer = build_trainer(cfg, splits.train, splits.val, run_dir, device=device, progress=not args.quiet,
-                                log=log, resume=bool(args.resume), loss=loss)
+                                log=log, resume=bool(args.resume), loss=loss,
+                                monitor_data=splits.test if args.monitor_test else None)
         t0 = time.perf_counter()
         history = trainer.fit()
         if rank == 0:
@@ -196,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    """Prior samples from a run's checkpoint as one PNG grid."""
+    """Samples (GMM on the training latents by default) from a run's checkpoint as one PNG grid."""
     from pathlib import Path
 
     import torch
@@ -205,11 +207,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .viz import image_grid, save_png
 
     path = Path(args.run) / "checkpoints" / f"{args.checkpoint}.pt"
-    model, _, ckpt = load_model(path)
+    model, cfg, ckpt = load_model(path)
     gen = torch.Generator().manual_seed(args.seed)
-    images = model.sample(args.n, generator=gen)
+    if args.sampler == "prior":
+        images = model.sample(args.n, generator=gen)
+    else:  # fit the sampler to the training split's posterior means (the run's own data and split)
+        from .data import make_datasets
+        from .sampling import GaussianSampler, GMMSampler, encode_dataset, generate
+
+        if args.data is not None:
+            cfg.data.root = args.data
+        train = make_datasets(cfg.data, seed=cfg.train.seed, progress=False).train
+        train.hflip = False
+        train.set_epoch(0)
+        sampler = GMMSampler(n_components=10, seed=args.seed) if args.sampler == "gmm" else GaussianSampler()
+        images = generate(model, sampler.fit(encode_dataset(model, train)), args.n, gen)
     out = save_png(image_grid(images, nrow=int(max(1, round(args.n ** 0.5)))), args.out)
-    print(f"wrote {args.n} prior samples from {path} (epoch {ckpt['epoch']}) to {out}")
+    print(f"wrote {args.n} {args.sampler} samples from {path} (epoch {ckpt['epoch']}) to {out}")
     return 0
 
 
@@ -281,6 +295,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_table, run_bench
     from .files import atomic_write_bytes
 
+    if args.curve:
+        return _bench_curve(args)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()] if args.settings else None
     perceptual = {"both": (False, True), "off": (False,), "on": (True,)}[args.perceptual]
     if args.repeats < 1 or args.batch < 1:
@@ -294,6 +310,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
     print(f"\nwrote {out}")
+    return 0
+
+
+def _bench_curve(args: argparse.Namespace) -> int:
+    """Time-to-quality of finished runs: a figure, a markdown table and JSON next to --out."""
+    from pathlib import Path
+
+    from .bench import time_to_quality, time_to_quality_table
+    from .files import atomic_write_bytes
+    from .viz import time_to_quality_figure
+
+    res = time_to_quality(args.curve)
+    out = Path(args.out).with_name("time_to_quality.json") if args.out == "runs/bench.json" else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    time_to_quality_figure(res["curves"], out.with_suffix(".png"), floors=res["floors"])
+    atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
+    table = time_to_quality_table(res)
+    atomic_write_bytes(out.with_suffix(".md"), (table + "\n").encode())
+    print(table)
+    print(f"\nwrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')}")
     return 0
 
 
@@ -311,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train both phases into a numbered run folder")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
     p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
-    p.add_argument("--preset", choices=("seed", "quick", "smoke", "original"), default=None,
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="starting config (default: seed)")
     p.add_argument("--config", metavar="FILE.json", default=None, help="start from a JSON config instead")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
@@ -319,13 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue this run from checkpoints/last.pt")
     p.add_argument("--name", default=None, help="run folder suffix (default: the preset name)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (summary lines only)")
+    p.add_argument("--monitor-test", action="store_true",
+                   help="also log test-split PSNR/SSIM every epoch (history.csv monitor_*; never used to select; "
+                        "its time is kept out of 'seconds'), for time-to-quality curves")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="draw prior samples from a trained run")
+    p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("--run", metavar="RUN_DIR", required=True)
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--out", metavar="FILE.png", required=True)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--sampler", choices=("gmm", "gaussian", "prior"), default="gmm",
+                   help="gmm (default) or gaussian: fitted to the training latents (needs the data); prior: N(0, I), "
+                        "which the low-KL latent does not fill")
+    p.add_argument("--data", metavar="PATH", default=None, help="dataset folder for gmm/gaussian (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
 
@@ -389,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time steps without and/or with the VGG16 perceptual term (random weights: same cost)")
     p.add_argument("--kaggle-n", type=int, default=200, help="Kaggle-size JPEGs synthesised for the decode rate")
     p.add_argument("--skip-data", action="store_true", help="model figures only")
+    p.add_argument("--curve", metavar="RUN_DIR", nargs="+", default=None,
+                   help="instead of timing: time-to-quality curves (test PSNR/SSIM vs minutes) of runs trained "
+                        "with `train --monitor-test`; writes time_to_quality.{png,md,json} beside --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -36,10 +36,11 @@ from torch import nn
 
 from .data import as_float_images
 from .errors import SpatialVAEError, WeightsError, short_reason
+from .metrics import (PSNR_CAP_DB, duplicate_count, l1, nearest_is_self, pca_reconstruct, psnr,  # noqa: F401
+                      ssim_score)
 from .sampling import (GaussianSampler, GMMSampler, PriorSampler, encode_dataset, eval_mode, generate, interpolate,
                        save_grid, seeded_subset)
 
-PSNR_CAP_DB = 100.0  # PSNR of identical images is infinite; capped (MSE floor 1e-10) so means and JSON stay finite
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")  # torch-fidelity's URL_INCEPTION_V3
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # its name in the torch hub cache
@@ -52,33 +53,6 @@ CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 # ---------------------------------------------------------------------------------------------
 # Per-image metrics (images (N, C, H, W) in [0, 1])
 # ---------------------------------------------------------------------------------------------
-
-def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error per image -> (N,)."""
-    return (a.float() - b.float()).abs().flatten(1).mean(1)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image with data range 1 -> (N,), capped at PSNR_CAP_DB (identical images)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    per_image = peak_signal_noise_ratio(a.float(), b.float(), data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return per_image.clamp(max=PSNR_CAP_DB)
-
-
-def ssim_score(a: torch.Tensor, b: torch.Tensor, window: int = 11) -> torch.Tensor:
-    """SSIM per image (pytorch-msssim, data range 1, Gaussian window 11 shrunk to fit) -> (N,).
-
-    The same implementation as the training loss's SSIM term, so 1 - this equals the loss's
-    ``ssim`` part on the same images.
-    """
-    from pytorch_msssim import ssim
-
-    from .losses import ssim_window_for
-
-    win = ssim_window_for(min(a.shape[-2:]), window)
-    return ssim(a.float(), b.float(), data_range=1.0, size_average=False, win_size=win)
-
 
 def ms_ssim_window(side: int) -> int:
     """Gaussian window for pytorch-msssim's MS-SSIM at this image side.
@@ -319,6 +293,21 @@ def reconstruction_metrics(model: nn.Module, images: torch.Tensor, labels: torch
     return out, torch.cat(recons)
 
 
+@torch.no_grad()
+def linear_floors(train_u8: torch.Tensor, test_u8: torch.Tensor, k: int) -> dict:
+    """What anyone can recompute without a model, on the same test images: the training mean
+    image for every patient, and PCA with k components (k = the latent's number of values)."""
+    train, test = as_float_images(train_u8), as_float_images(test_u8)  # (N, 1, S, S)
+    mean = train.mean(0, keepdim=True).expand_as(test)
+    pca = pca_reconstruct(train, test, k)
+    return {"mean_image": {"psnr_db": float(psnr(mean, test).mean()), "ssim": float(ssim_score(mean, test).mean())},
+            "pca": {"components": min(k, len(train)), "psnr_db": float(psnr(pca, test).mean()),
+                    "ssim": float(ssim_score(pca, test).mean()),
+                    "identity": float(nearest_is_self(pca, test).float().mean())},
+            "note": "fitted on the run's training images; the model should beat PCA with as many components "
+                    "as its latent has values"}
+
+
 def _seeded_class_indices(labels: torch.Tensor, cls: int, k: int, g: torch.Generator) -> torch.Tensor:
     idx = (labels == cls).nonzero().flatten()
     return idx[torch.randperm(len(idx), generator=g)[:k]]
@@ -431,6 +420,10 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
               out_dir / "eval_interpolation.png", nrow=10)
     pictures["interpolation"] = "samples/eval_interpolation.png"
 
+    recon["identity"] = float(nearest_is_self(recons, as_float_images(test_u8)).float().mean())
+    recon["test_images_with_a_duplicate"] = duplicate_count(as_float_images(test_u8))
+    floors = linear_floors(train_u8, test_u8, int(math.prod(model.latent_shape)))
+
     # ---- references: what real images score ---------------------------------------------------
     test_nn, _ = nearest_neighbour(test_u8, train_u8)
     reference = {
@@ -517,6 +510,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
         "n_generated_note": ("images per sampler, " + ("the size of the test split (default)"
                                                        if n_samples is None else "set by n_samples")),
         "reconstruction": {"split": "test", "decoded": "posterior mean", **recon},
+        "floors": floors,
         "inception": {"weights": inception_weights,
                       "features": "InceptionV3 pool3 (2048), torch-fidelity weights via torchmetrics; "
                                   "grayscale repeated to RGB, (x * 255).byte() as normalize=True does",
@@ -553,6 +547,20 @@ def metrics_table(metrics: dict) -> str:
         r = rec.get(group)
         if r:
             lines.append(f"| {group} | {r['n']} | {f(r['ssim'])} | {f(r['psnr_db'], '{:.2f}')} | {f(r['l1'])} |")
+    floors = metrics.get("floors")
+    if floors:
+        n = rec["overall"]["n"]
+        pca, mean = floors["pca"], floors["mean_image"]
+        lines += [f"| floor: PCA, {pca['components']} components (fitted on train) | {n} | {f(pca['ssim'])} | "
+                  f"{f(pca['psnr_db'], '{:.2f}')} | |",
+                  f"| floor: the training mean image for everyone | {n} | {f(mean['ssim'])} | "
+                  f"{f(mean['psnr_db'], '{:.2f}')} | |"]
+    if rec.get("identity") is not None:
+        pca_id = f" (PCA: {100 * floors['pca']['identity']:.1f} %)" if floors else ""
+        dup = rec.get("test_images_with_a_duplicate") or 0
+        dup_note = f"; {dup} test images have an exact duplicate, which counts as their own" if dup else ""
+        lines += ["", f"identity: {100 * rec['identity']:.1f} % of test reconstructions are nearer (pixel MSE) to "
+                      f"their own original than to any other test image{pca_id}{dup_note}"]
     ref = metrics["reference"]
     lines += ["", f"| samples ({metrics['n_generated']} per sampler) | FID | KID | MS-SSIM diversity | "
                   "NN-train RMSE (mean / min) |", "|---|---:|---:|---:|---:|"]

@@ -32,6 +32,7 @@ LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
 
 UPSAMPLE_MODES = ("bilinear", "transposed")
+SHORTCUTS = ("space", "conv")
 
 
 def clamp_logvar(logvar: torch.Tensor) -> torch.Tensor:
@@ -44,16 +45,69 @@ def Normalize(ch: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=ch, eps=1e-6, affine=True)
 
 
+# ---- parameter-free shortcuts (DC-AE's "residual autoencoding") ------------------------------
+#
+# A strided block's skip is a fixed space-to-channel map instead of a learned 1x1 conv, and an
+# upsampling block's skip is the matching channel-to-space map (Chen et al. 2024, DC-AE). With
+# every residual branch starting at zero, the untrained autoencoder is exactly a fixed linear
+# down/up-sampling map and training learns only what that map misses.
+#
+# Channel layout: duplicates are TILED (copy-major, x.repeat) and averaging merges channels that
+# are out_ch apart (view(B, g, out_ch, ...)). pixel_unshuffle puts each new 2x2 offset in the
+# lowest bits of the channel index, so averaging first merges tiled copies (no information lost)
+# and, once every channel is distinct, merges the OLDEST offsets: those of the finest scale. The
+# encoder's shortcut path is therefore exactly an area downsample, 2x2 at 64 px and 4x4 at 128 px
+# (both 1,024 values, the latent's size), and the decoder's path undoes the layout exactly.
+
+def match_channels(x: torch.Tensor, out_ch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, out_ch, H, W): average channels out_ch apart, or tile copies."""
+    b, c, h, w = x.shape
+    if c == out_ch:
+        return x
+    if c > out_ch:
+        return x.reshape(b, c // out_ch, out_ch, h, w).mean(1)
+    return x.repeat(1, out_ch // c, 1, 1)
+
+
+def space_to_channel(x: torch.Tensor, out_ch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, out_ch, H/2, W/2): pixel_unshuffle(2), then match_channels."""
+    return match_channels(F.pixel_unshuffle(x, 2), out_ch)
+
+
+def channel_to_space(x: torch.Tensor, out_ch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, out_ch, 2H, 2W): pixel_shuffle(2), then match_channels."""
+    return match_channels(F.pixel_shuffle(x, 2), out_ch)
+
+
+def _check_shortcut_widths(widths: Sequence[int], in_channels: int, latent_channels: int) -> None:
+    """Every shortcut must be a whole-number average or copy; say which widths break it."""
+    def fits(a: int, b: int) -> bool:
+        return a % b == 0 or b % a == 0
+
+    pairs = [("the input's 2x2 pixels", 4 * in_channels, widths[0])]
+    pairs += [(f"stage {i} -> {i + 1}", 4 * widths[i - 1], widths[i]) for i in range(1, len(widths))]
+    pairs += [("the widest stage -> latent", widths[-1], latent_channels)]
+    pairs += [(f"decoder stage {i + 1} -> {i}", widths[i] // 4, widths[i - 1]) for i in range(1, len(widths))]
+    bad = [f"{name} ({a} vs {b} channels)" for name, a, b in pairs if a < 1 or not fits(a, b)]
+    if any(w % 4 for w in widths[1:]):
+        bad.append(f"widths {list(widths[1:])} must be multiples of 4 for channel_to_space")
+    if bad:
+        raise ConfigError(f"model.shortcut=space needs widths that divide each other: {'; '.join(bad)}. Use "
+                          "powers of two (e.g. [32, 64, 128, 256, 512]) or model.shortcut=conv")
+
+
 # ---- building blocks ----------------------------------------------------------------------
 
 class ResBlock(nn.Module):
     """Pre-activation residual block: (GroupNorm, SiLU, 3x3 conv) x 2 plus a skip.
 
-    stride=2 halves the side in the first conv; the skip is then a strided 1x1 conv (also
-    used when the width changes) so the two paths can be added.
+    stride=2 halves the side in the first conv. The skip: ``shortcut="conv"`` (the recipe's
+    literal form) is a strided 1x1 conv whenever the shape changes; ``"space"`` is the
+    parameter-free space_to_channel (stride 2) and the second conv starts at zero, so the block
+    starts as its skip; ``"none"`` returns the residual branch alone (an `UpBlock` adds its own).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, groups: int = 8):
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, groups: int = 8, shortcut: str = "conv"):
         super().__init__()
         if stride not in (1, 2):
             raise ConfigError(f"ResBlock stride={stride} is invalid: expected 1 or 2")
@@ -61,20 +115,40 @@ class ResBlock(nn.Module):
             if ch % groups:
                 raise ConfigError(f"ResBlock width {ch} is not divisible by model.norm_groups={groups}: "
                                   f"use widths that are multiples of {groups} or change model.norm_groups")
-        self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
+        if shortcut not in SHORTCUTS + ("none",):
+            raise ConfigError(f"model.shortcut={shortcut!r} is invalid: expected one of {', '.join(SHORTCUTS)}")
+        self.in_ch, self.out_ch, self.stride, self.shortcut = in_ch, out_ch, stride, shortcut
         self.norm1 = Normalize(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1)
         self.norm2 = Normalize(out_ch, groups)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1)
-        if in_ch != out_ch or stride != 1:
+        if shortcut == "conv" and (in_ch != out_ch or stride != 1):
             self.skip = nn.Conv2d(in_ch, out_ch, 1, stride=stride)
         else:
             self.skip = nn.Identity()
+        if shortcut != "conv":
+            zero_(self.conv2)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H/stride, W/stride)
+        return self.conv2(F.silu(self.norm2(h)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H/stride, W/stride)
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.branch(x)
+        if self.shortcut == "none":
+            return h
+        if self.shortcut == "space" and self.stride == 2:
+            return space_to_channel(x, self.out_ch) + h
+        if self.shortcut == "space" and self.in_ch != self.out_ch:
+            return match_channels(x, self.out_ch) + h
         return self.skip(x) + h
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Zero a layer's weights and bias: a residual branch ending in it starts as "add nothing"."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
 
 
 class AttentionBlock(nn.Module):
@@ -84,7 +158,7 @@ class AttentionBlock(nn.Module):
     1/sqrt(head_dim) scaling); 16x16 = 256 tokens keeps the attention matrix small.
     """
 
-    def __init__(self, ch: int, heads: int = 1, groups: int = 8):
+    def __init__(self, ch: int, heads: int = 1, groups: int = 8, zero_init: bool = False):
         super().__init__()
         if heads < 1 or ch % heads:
             raise ConfigError(f"model.attention_heads={heads} does not divide the width {ch} at an attention "
@@ -96,6 +170,8 @@ class AttentionBlock(nn.Module):
         self.norm = Normalize(ch, groups)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)  # q, k and v in one matmul
         self.proj = nn.Conv2d(ch, ch, 1)
+        if zero_init:  # starts as the identity (with shortcut=space, so the whole model is its skip path)
+            zero_(self.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -122,6 +198,21 @@ class Upsample(nn.Module):
         if self.up is not None:
             return self.up(x)  # (B, C, 2H, 2W)
         return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)  # (B, C, 2H, 2W)
+
+
+class UpBlock(nn.Module):
+    """2x upsampling + a residual branch that narrows the width, with the channel_to_space skip
+    (shortcut=space): (B, C, H, W) -> (B, out_ch, 2H, 2W). The branch upsamples as the recipe
+    says (bilinear, or transposed for the ablation) and starts at zero."""
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int = 8, mode: str = "bilinear"):
+        super().__init__()
+        self.out_ch = out_ch
+        self.up = Upsample(in_ch, mode)
+        self.res = ResBlock(in_ch, out_ch, stride=1, groups=groups, shortcut="none")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_to_space(x, self.out_ch) + self.res(self.up(x))
 
 
 # ---- stage plan and validation --------------------------------------------------------------
@@ -175,6 +266,10 @@ def _validate_spatial(cfg: ModelConfig, image_size: int) -> Tuple[list, list]:
         if s in cfg.attention_resolutions and (h < 1 or w % h):
             raise ConfigError(f"model.attention_heads={h} does not divide the width {w} at the {s}x{s} "
                               f"attention: use a head count dividing {w} (the recipe uses 1)")
+    if cfg.shortcut not in SHORTCUTS:
+        raise ConfigError(f"model.shortcut={cfg.shortcut!r} is invalid: expected one of {', '.join(SHORTCUTS)}")
+    if cfg.shortcut == "space":
+        _check_shortcut_widths(widths, cfg.in_channels, cfg.latent_channels)
     up = getattr(cfg, "upsample", "bilinear")
     if up not in UPSAMPLE_MODES:
         raise ConfigError(f"model.upsample={up!r} is invalid: expected one of {', '.join(UPSAMPLE_MODES)}")
@@ -184,61 +279,100 @@ def _validate_spatial(cfg: ModelConfig, image_size: int) -> Tuple[list, list]:
 # ---- encoder / decoder ----------------------------------------------------------------------
 
 class Encoder(nn.Module):
-    """x (B, 1, 128, 128) -> mu, logvar, each (B, 64, 4, 4)."""
+    """x (B, 1, 128, 128) -> mu, logvar, each (B, 64, 4, 4).
+
+    shortcut="space": the stem, every strided block and the mu head add a parameter-free
+    space_to_channel / channel-average skip, and each branch starts at zero, so the untrained
+    encoder's mu is exactly an area downsample of the image (4x4 at 128 px, 2x2 at 64 px).
+    """
 
     def __init__(self, in_channels: int, widths: Sequence[int], latent_channels: int, image_size: int,
-                 attention_resolutions: Sequence[int] = (16,), attention_heads: int = 1, norm_groups: int = 8):
+                 attention_resolutions: Sequence[int] = (16,), attention_heads: int = 1, norm_groups: int = 8,
+                 shortcut: str = "space", logvar_init: Optional[float] = -8.0):
         super().__init__()
         attn = set(attention_resolutions)
+        space = shortcut == "space"
+        self.space = space
+        self.widths, self.latent_channels = list(widths), latent_channels
         side = image_size // 2
         # A 7x7 stride-2 stem sees a wide context at full resolution and halves the cost of
         # every later layer.
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3),
-            Normalize(widths[0], norm_groups),
-            nn.SiLU(),
-        )  # (B, 32, 64, 64)
+        if space:  # conv + skip; the next block is pre-activation, so no norm here
+            self.stem = zero_(nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3))
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3),
+                Normalize(widths[0], norm_groups),
+                nn.SiLU(),
+            )  # (B, 32, 64, 64)
         blocks: list = []
         if side in attn:
-            blocks.append(AttentionBlock(widths[0], attention_heads, norm_groups))
+            blocks.append(AttentionBlock(widths[0], attention_heads, norm_groups, zero_init=space))
         for i in range(1, len(widths)):
-            blocks.append(ResBlock(widths[i - 1], widths[i], stride=2, groups=norm_groups))
+            blocks.append(ResBlock(widths[i - 1], widths[i], stride=2, groups=norm_groups, shortcut=shortcut))
             side //= 2  # (B, 64, 32, 32) -> (B, 128, 16, 16) -> (B, 256, 8, 8) -> (B, 512, 4, 4)
             if side in attn:
                 # Global context at 16x16: lungs left and right, heart and diaphragm are related.
-                blocks.append(AttentionBlock(widths[i], attention_heads, norm_groups))
+                blocks.append(AttentionBlock(widths[i], attention_heads, norm_groups, zero_init=space))
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = Normalize(widths[-1], norm_groups)
         # Separate heads so mu and logvar are read from the same normalised 4x4 features.
         self.to_mu = nn.Conv2d(widths[-1], latent_channels, 3, padding=1)
         self.to_logvar = nn.Conv2d(widths[-1], latent_channels, 3, padding=1)
+        if space:
+            zero_(self.to_mu)
+        if logvar_init is not None:
+            # A near-deterministic posterior from the first step (sigma = exp(-4) = 0.018 at -8):
+            # phase 1 is an autoencoder at once instead of first learning to shrink the noise.
+            zero_(self.to_logvar)
+            nn.init.constant_(self.to_logvar.bias, float(logvar_init))
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        h = self.blocks(self.stem(x))  # (B, 512, 4, 4)
-        h = F.silu(self.norm_out(h))
-        return self.to_mu(h), self.to_logvar(h)  # (B, 64, 4, 4) each
+        if self.space:
+            h = self.stem(x) + space_to_channel(x, self.widths[0])  # (B, 32, 64, 64)
+        else:
+            h = self.stem(x)
+        h = self.blocks(h)  # (B, 512, 4, 4)
+        a = F.silu(self.norm_out(h))
+        mu = self.to_mu(a)
+        if self.space:
+            mu = mu + match_channels(h, self.latent_channels)  # (B, 64, 4, 4): the area-downsampled image
+        return mu, self.to_logvar(a)  # (B, 64, 4, 4) each
 
 
 class Decoder(nn.Module):
-    """z (B, 64, 4, 4) -> image (B, 1, 128, 128) in [0, 1]."""
+    """z (B, 64, 4, 4) -> image (B, 1, 128, 128) in [0, 1].
+
+    shortcut="space": conv_in adds the latent tiled to its width, each upsampling block adds a
+    channel_to_space skip, and the output adds (in logit space, before the Sigmoid) the channel
+    mean of the last features, upsampled bicubically. Untrained, it decodes an area-downsampled
+    image back to its bicubic upsample.
+    """
 
     def __init__(self, out_channels: int, widths: Sequence[int], latent_channels: int, image_size: int,
                  attention_resolutions: Sequence[int] = (16,), attention_heads: int = 1, norm_groups: int = 8,
-                 upsample: str = "bilinear"):
+                 upsample: str = "bilinear", shortcut: str = "space"):
         super().__init__()
         attn = set(attention_resolutions)
+        space = shortcut == "space"
+        self.space, self.widths, self.out_channels = space, list(widths), out_channels
         side = image_size >> len(widths)
         self.conv_in = nn.Conv2d(latent_channels, widths[-1], 3, padding=1)  # (B, 512, 4, 4)
+        if space:
+            zero_(self.conv_in)
         blocks: list = []
         if side in attn:
-            blocks.append(AttentionBlock(widths[-1], attention_heads, norm_groups))
+            blocks.append(AttentionBlock(widths[-1], attention_heads, norm_groups, zero_init=space))
         for i in range(len(widths) - 1, 0, -1):
-            # Upsample first, then a ResBlock at the new side mixes and narrows the channels.
-            blocks.append(Upsample(widths[i], upsample))
-            blocks.append(ResBlock(widths[i], widths[i - 1], stride=1, groups=norm_groups))
+            if space:
+                blocks.append(UpBlock(widths[i], widths[i - 1], norm_groups, upsample))
+            else:
+                # Upsample first, then a ResBlock at the new side mixes and narrows the channels.
+                blocks.append(Upsample(widths[i], upsample))
+                blocks.append(ResBlock(widths[i], widths[i - 1], stride=1, groups=norm_groups))
             side *= 2  # (B, 256, 8, 8) -> (B, 128, 16, 16) -> (B, 64, 32, 32) -> (B, 32, 64, 64)
             if side in attn:
-                blocks.append(AttentionBlock(widths[i - 1], attention_heads, norm_groups))
+                blocks.append(AttentionBlock(widths[i - 1], attention_heads, norm_groups, zero_init=space))
         self.blocks = nn.Sequential(*blocks)
         self.up_out = Upsample(widths[0], upsample)  # (B, 32, 128, 128)
         self.conv_out = nn.Sequential(
@@ -247,11 +381,21 @@ class Decoder(nn.Module):
             nn.SiLU(),
             nn.Conv2d(widths[0], out_channels, 3, padding=1),
         )  # (B, 1, 128, 128)
+        if space:
+            zero_(self.conv_out[-1])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.conv_in(z))  # (B, 32, 64, 64)
+        h = self.conv_in(z)
+        if self.space:
+            h = h + match_channels(z, self.widths[-1])  # (B, 512, 4, 4)
+        h = self.blocks(h)  # (B, 32, 64, 64)
+        logits = self.conv_out(self.up_out(h))  # (B, 1, 128, 128)
+        if self.space:
+            skip = F.interpolate(match_channels(h, self.out_channels), scale_factor=2.0, mode="bicubic",
+                                 align_corners=False)
+            logits = logits + torch.logit(skip.float().clamp(1e-3, 1 - 1e-3)).to(logits.dtype)
         # Sigmoid: pixels live in [0, 1], which L1, SSIM (data_range=1) and VGG all assume.
-        return torch.sigmoid(self.conv_out(self.up_out(h)))  # (B, 1, 128, 128)
+        return torch.sigmoid(logits)  # (B, 1, 128, 128)
 
 
 # ---- VAEs -------------------------------------------------------------------------------------
@@ -277,7 +421,8 @@ class _VAEBase(nn.Module):
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         """z = mu + sigma * eps, eps ~ N(0, I); logvar clamped so exp() cannot overflow."""
         std = torch.exp(0.5 * clamp_logvar(logvar))
-        return mu + std * torch.randn_like(std)
+        # Noise drawn in the logical (contiguous) order, so channels_last draws the same values.
+        return mu + std * torch.randn(std.shape, device=std.device, dtype=std.dtype)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True):
         """x (B, C, H, W) in [0, 1] -> (recon, mu, logvar). sample_posterior=False decodes mu
@@ -321,8 +466,10 @@ class SpatialVAE(_VAEBase):
         common = dict(widths=widths, latent_channels=model_cfg.latent_channels, image_size=image_size,
                       attention_resolutions=tuple(model_cfg.attention_resolutions),
                       attention_heads=model_cfg.attention_heads, norm_groups=model_cfg.norm_groups)
-        self.encoder = Encoder(model_cfg.in_channels, **common)
-        self.decoder = Decoder(model_cfg.in_channels, upsample=getattr(model_cfg, "upsample", "bilinear"), **common)
+        self.encoder = Encoder(model_cfg.in_channels, shortcut=model_cfg.shortcut, logvar_init=model_cfg.logvar_init,
+                               **common)
+        self.decoder = Decoder(model_cfg.in_channels, upsample=model_cfg.upsample, shortcut=model_cfg.shortcut,
+                               **common)
 
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(x)  # (B, 64, 4, 4) each

@@ -7,7 +7,7 @@ with beta annealed linearly and ReduceLROnPlateau. `Trainer` owns one run folder
       config.json      the full Config (rebuilds the run)
       history.csv      one row per epoch: phase, beta, lr, every loss part (train and val), speed
       train.log        what was printed
-      samples/epoch_010.png   prior samples on top, val originals / reconstructions below
+      samples/epoch_010.png   aggregate-posterior samples on top, val originals / reconstructions below
       checkpoints/last.pt     every epoch: model, optimizer, scheduler, scaler, RNG, history, config
       checkpoints/best.pt     lowest validation loss at the final beta (see `Trainer.evaluate`)
 
@@ -28,7 +28,6 @@ import random
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -41,10 +40,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from .config import Config, PhaseConfig, TrainConfig
 from .data import make_dataloader
+from .engine import autocast_context, train_step
 from .errors import CheckpointError, SpatialVAEError, short_reason
 from .files import atomic_torch_save, atomic_write_bytes  # noqa: F401 - re-exported
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: model.shortcut, model.logvar_init and kl_reduction=mean became the defaults
+# Keys a version-1 checkpoint's config lacks, with the values it was trained with.
+_V1_DEFAULTS = {"model": {"shortcut": "conv", "logvar_init": None}, "loss": {"kl_reduction": "sum"}}
 
 
 class TrainingDivergedError(SpatialVAEError):
@@ -137,8 +139,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
 
 def config_from_checkpoint(ckpt: dict) -> Config:
+    d = ckpt["config"]
+    if int(ckpt.get("version", 1)) < 2 and isinstance(d, dict):  # written before the defaults changed
+        d = {**d, **{sec: {**_V1_DEFAULTS[sec], **d.get(sec, {})} for sec in _V1_DEFAULTS}}
     try:
-        return Config.from_dict(ckpt["config"])
+        return Config.from_dict(d)
     except ValueError as e:
         raise CheckpointError(f"the checkpoint's config is not valid for this version of spatialvae: {e}") from None
 
@@ -193,7 +198,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss: nn.Module, train_data: Dataset, val_data: Optional[Dataset],
                  config: Config, run_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                 progress: bool = True, log: Optional[logging.Logger] = None):
+                 progress: bool = True, log: Optional[logging.Logger] = None,
+                 monitor_data: Optional[Dataset] = None):
         self.cfg = config
         t = config.train
         self.device = torch.device(device) if device is not None else default_device()
@@ -226,6 +232,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         self.train_data, self.val_data = train_data, val_data
+        # Only watched (PSNR / SSIM per epoch, for time-to-quality curves), never used to select.
+        self.monitor_data = monitor_data
         batch = config.data.batch_size
         if batch % self.world_size:
             raise SpatialVAEError(f"data.batch_size={batch} is not divisible by {self.world_size} processes; "
@@ -275,9 +283,7 @@ class Trainer:
 
     # ---- one epoch -----------------------------------------------------------------------------
     def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return autocast_context(self.device, self.amp_dtype)
 
     def _set_epoch(self, epoch: int) -> None:
         if hasattr(self.train_data, "set_epoch"):
@@ -302,22 +308,12 @@ class Trainer:
                    disable=not self.progress, leave=False, dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
         for step, (x, _) in enumerate(bar):
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            with self._autocast():
-                recon, mu, logvar = self.model(x)
-                total, parts = self.loss_fn(recon, x, mu, logvar, beta)
-            if not self._all_finite(total):
-                self._skip_step(f"loss is {float(total.detach())}")
+            res = train_step(self.model, self.loss_fn, self.optimizer, self.scaler, x, beta, self.cfg.train.grad_clip,
+                             params, autocast=self._autocast, all_finite=self._all_finite)
+            if res.skipped:
+                self._skip_step(res.skipped)
                 continue
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-            if not self.scaler.is_enabled() and not self._all_finite(grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._skip_step(f"gradient norm is {float(grad_norm)}")
-                continue
-            self.scaler.step(self.optimizer)  # fp16: skips the step itself when grads overflowed
-            self.scaler.update()
+            parts = res.parts
             self._bad_in_a_row = 0
             b = x.shape[0]
             n_seen += b
@@ -380,6 +376,28 @@ class Trainer:
         out["select"] = out["total"] - beta * out["kl"] + final_beta(self.cfg.train) * out["kl"]
         return out
 
+    @torch.no_grad()
+    def monitor(self) -> dict:
+        """PSNR / SSIM of posterior-mean reconstructions of ``monitor_data`` (the test split in
+        time-to-quality runs) -> {monitor_psnr, monitor_ssim, monitor_seconds}. Its time is kept
+        apart from ``seconds``, so a watched run's clock is the same as an unwatched one's."""
+        from .metrics import psnr, ssim_score
+
+        t0 = time.perf_counter()
+        loader = DataLoader(self.monitor_data, batch_size=max(64, self.cfg.data.batch_size))
+        was_training = self.raw_model.training
+        self.raw_model.eval()
+        p, s = [], []
+        for x, _ in loader:
+            x = x.to(self.device).contiguous(memory_format=self.memory_format)
+            with self._autocast():
+                recon = self.raw_model(x, sample_posterior=False)[0].float().clamp(0, 1)
+            p.append(psnr(recon, x).cpu())
+            s.append(ssim_score(recon, x).cpu())
+        self.raw_model.train(was_training)
+        return {"monitor_psnr": float(torch.cat(p).mean()), "monitor_ssim": float(torch.cat(s).mean()),
+                "monitor_seconds": time.perf_counter() - t0}
+
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self, until_epoch: Optional[int] = None) -> list[dict]:
         """Run the remaining epochs of both phases (or stop once ``until_epoch`` epochs are done,
@@ -406,11 +424,13 @@ class Trainer:
             elif self.scheduler is not None:
                 self.scheduler.step()
             seconds = time.perf_counter() - t0
+            watched = self.monitor() if self.monitor_data is not None and self.is_main else {}
             row = {"phase": phase, "epoch": self.epoch + 1, "phase_epoch": phase_epoch + 1, "beta": beta, "lr": lr}
             row.update({f"train_{k}": v for k, v in train.items() if k != "images"})
             row.update({f"val_{k}": v for k, v in val.items()})
             row.update({"seconds": seconds, "images_per_s": train["images"] / max(train_seconds, 1e-9),
                         "nonfinite_steps": self.nonfinite_total})
+            row.update(watched)
             self.history.append(row)
             self.epoch += 1
             improved = "val_select" in row and row["val_select"] < self.best_val
@@ -441,6 +461,8 @@ class Trainer:
         parts = " ".join(f"{k}={row[f'train_{k}']:.4f}" for k in ("recon", "perceptual", "ssim", "kl")
                          if f"train_{k}" in row)
         val = f" | val total={row['val_total']:.4f} select={row['val_select']:.4f}" if "val_total" in row else ""
+        if "monitor_psnr" in row:
+            val += f" | test PSNR {row['monitor_psnr']:.2f} dB SSIM {row['monitor_ssim']:.3f}"
         self.log.info(
             f"epoch {row['epoch']:>3}/{total_epochs(self.cfg.train)} phase {row['phase']} "
             f"beta={row['beta']:.2e} lr={row['lr']:.2e} | train total={row['train_total']:.4f} {parts}{val} | "
@@ -449,23 +471,28 @@ class Trainer:
     # ---- pictures ---------------------------------------------------------------------------------
     @torch.no_grad()
     def save_samples(self, path: Optional[Path] = None) -> Path:
-        """Prior samples (the same noise every time) and val reconstructions -> samples/epoch_XXX.png."""
+        """Samples (the same noise every time) and val reconstructions -> samples/epoch_XXX.png.
+
+        The samples decode a full-covariance Gaussian fitted to the validation set's posterior
+        means (the aggregate posterior): with the per-value KL the latent does not fill N(0, I),
+        and prior noise decodes to noise. Without validation data they decode N(0, I)."""
+        from .sampling import GaussianSampler, decode_latents, encode_dataset
         from .viz import sample_sheet, save_png
 
         path = path or (self.run_dir / "samples" / f"epoch_{self.epoch:03d}.png")
         gen = torch.Generator().manual_seed(self._sample_gen_seed)
-        with self._autocast():
-            samples = self.raw_model.sample(self.cfg.train.n_samples, generator=gen).float()
-            originals = recons = None
-            if self.val_data is not None and len(self.val_data) > 0:
-                k = min(16, len(self.val_data))
-                originals = torch.stack([self.val_data[i][0] for i in range(k)]).to(self.device)
-                was = self.raw_model.training
-                self.raw_model.eval()
-                recons = self.raw_model(originals, sample_posterior=False)[0].float()
-                self.raw_model.train(was)
-        return save_png(sample_sheet(samples.cpu(), None if originals is None else originals.cpu(),
-                                     None if recons is None else recons.cpu()), path)
+        n = self.cfg.train.n_samples
+        originals = recons = None
+        if self.val_data is not None and len(self.val_data) >= 2:
+            latents = encode_dataset(self.raw_model, self.val_data, batch_size=64, device=self.device)
+            samples = decode_latents(self.raw_model, GaussianSampler().fit(latents).sample(n, generator=gen))
+            k = min(16, len(self.val_data))
+            originals = torch.stack([self.val_data[i][0] for i in range(k)])
+            recons = decode_latents(self.raw_model, latents[:k])
+        else:
+            with self._autocast():
+                samples = self.raw_model.sample(n, generator=gen).float().cpu()
+        return save_png(sample_sheet(samples, originals, recons), path)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -601,7 +628,7 @@ def describe_run(tr: Trainer) -> str:
 def build_trainer(cfg: Config, train_data: Dataset, val_data: Optional[Dataset], run_dir: str | os.PathLike,
                   device: str | torch.device | None = None, progress: bool = True,
                   log: Optional[logging.Logger] = None, resume: bool | str = "auto",
-                  loss: Optional[nn.Module] = None) -> Trainer:
+                  loss: Optional[nn.Module] = None, monitor_data: Optional[Dataset] = None) -> Trainer:
     """Seed, build the model and loss, and a Trainer for ``run_dir``.
 
     ``resume="auto"`` continues from ``run_dir/checkpoints/last.pt`` when it exists (so re-running
@@ -616,7 +643,7 @@ def build_trainer(cfg: Config, train_data: Dataset, val_data: Optional[Dataset],
     model = build_model(cfg)
     loss = loss if loss is not None else build_loss(cfg)
     trainer = Trainer(model, loss, train_data, val_data, cfg, run_dir=run_dir, device=device, progress=progress,
-                      log=log or make_logger(run_dir if _dist_info()[0] == 0 else None))
+                      log=log or make_logger(run_dir if _dist_info()[0] == 0 else None), monitor_data=monitor_data)
     last = run_dir / "checkpoints" / "last.pt"
     if resume is True or (resume == "auto" and last.is_file()):
         trainer.load(last)

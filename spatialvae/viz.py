@@ -182,3 +182,27 @@ def ablation_figure(rows: list[dict], path: str | os.PathLike | None = None, n_r
                 ax.set_ylabel(row["variant"], fontsize=10, rotation=0, ha="right", va="center")
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def time_to_quality_figure(curves: dict, path: str | os.PathLike | None = None, floors: Optional[dict] = None):
+    """Test PSNR and SSIM against training minutes, one line per run; phase boundaries dotted.
+    curves: {label: {"minutes": [...], "psnr": [...], "ssim": [...], "boundary": minutes or None}};
+    floors: {label: {"psnr_db": .., "ssim": ..}} drawn as grey dashed lines."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4))
+    for j, (label, f) in enumerate((floors or {}).items()):
+        for ax, key in zip(axes, ("psnr_db", "ssim")):
+            ax.axhline(f[key], color="0.5", lw=0.9, ls=("--", "-.", ":")[j % 3], label=f"floor: {label}")
+    for i, (label, c) in enumerate(curves.items()):
+        color = f"C{i}"
+        for ax, key in zip(axes, ("psnr", "ssim")):
+            ax.plot(c["minutes"], c[key], "o-", ms=3, color=color, label=label)
+            if c.get("boundary") is not None:
+                ax.axvline(c["boundary"], color=color, lw=0.8, ls=":")
+    for ax, key in zip(axes, ("test PSNR (dB)", "test SSIM")):
+        ax.set_xlabel("training wall clock (minutes)")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("time to quality (posterior mean on the test split; dotted: start of phase 2)", fontsize=10)
+    return _finish(fig, path)

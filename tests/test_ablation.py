@@ -32,6 +32,9 @@ def configs():
     ("mse", {"loss.recon"}),
     ("no_attention", {"model.attention_resolutions"}),
     ("transposed", {"model.upsample"}),
+    ("conv_skips", {"model.shortcut", "model.logvar_init"}),
+    ("kl_sum", {"loss.kl_reduction"}),
+    ("literal", {"model.shortcut", "model.logvar_init", "loss.kl_reduction"}),
 ])
 def test_single_change_variants_change_one_field(configs, name, expected):
     base, cfgs = configs

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from spatialvae.bench import (T4_FP16_TFLOPS, T4_FP32_TFLOPS, _judge, measure_step, recommend,
-                              setting_flags, t4_projection)
+                              setting_flags, t4_projection, time_to_quality)
 from spatialvae.cli import main
 
 
@@ -120,3 +120,39 @@ def test_peak_memory_sees_a_transient_allocation():
         time.sleep(0.05)
         del block
     assert rss.peak - before >= 190
+
+
+def _history(run, psnrs, seconds=30.0, phase1=2, monitor=True):
+    from spatialvae.training import write_history_csv
+
+    run.mkdir(parents=True)
+    rows = []
+    for i, p in enumerate(psnrs):
+        r = {"phase": 1 if i < phase1 else 2, "epoch": i + 1, "seconds": seconds}
+        if monitor:
+            r.update({"monitor_psnr": p, "monitor_ssim": p / 40, "monitor_seconds": 5.0})
+        rows.append(r)
+    write_history_csv(rows, run / "history.csv")
+    return run
+
+
+def test_time_to_quality_counts_training_minutes_only(tmp_path, capsys):
+    a = _history(tmp_path / "000-a", [18.0, 21.0, 25.0, 27.5])
+    b = _history(tmp_path / "001-b", [15.0, 16.0, 17.0], seconds=60.0, phase1=3)
+    res = time_to_quality([a, b], thresholds=(20.0, 27.1))
+    ra, rb = res["table"]
+    assert ra["minutes"] == 2.0 and rb["minutes"] == 3.0  # 4 x 30 s and 3 x 60 s; monitor time left out
+    assert ra["minutes_to_db"] == {"20": 1.0, "27.1": 2.0}
+    assert rb["minutes_to_db"] == {"20": None, "27.1": None}
+    assert ra["end_of_phase1_psnr"] == 21.0 and rb["end_of_phase1_psnr"] is None
+    assert res["curves"]["000-a"]["boundary"] == 1.0
+    assert main(["bench", "--curve", str(a), str(b), "--out", str(tmp_path / "ttq.json")]) == 0
+    assert "| 000-a | 4 | 2.0 | 21.00 | 27.50 |" in capsys.readouterr().out
+    assert (tmp_path / "ttq.png").stat().st_size > 0 and (tmp_path / "ttq.md").is_file()
+
+
+def test_time_to_quality_refuses_runs_without_a_test_curve(tmp_path, capsys):
+    run = _history(tmp_path / "000-x", [18.0], monitor=False)
+    assert main(["bench", "--curve", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "--monitor-test" in err and "Traceback" not in err and err.count("\n") == 1

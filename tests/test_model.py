@@ -167,10 +167,10 @@ def test_resblock_downsamples_and_skips():
     assert isinstance(ResBlock(8, 8, groups=4).skip, nn.Identity)
 
 
-@pytest.mark.parametrize("model_fn", [
-    lambda: SpatialVAE(tiny_cfg(), 16),
-    lambda: SpatialVAE(tiny_cfg(upsample="transposed", attention_heads=2), 16),
-    lambda: SpatialVAE(get_preset("smoke").model, 32),
+@pytest.mark.parametrize("model_fn", [  # literal skips; zero-initialised branches: test_shortcuts.py
+    lambda: SpatialVAE(tiny_cfg(shortcut="conv"), 16),
+    lambda: SpatialVAE(tiny_cfg(upsample="transposed", attention_heads=2, shortcut="conv"), 16),
+    lambda: SpatialVAE(dataclasses.replace(get_preset("smoke").model, shortcut="conv"), 32),
     lambda: OriginalVAE(tiny_cfg(architecture="original", flat_latent_dim=8), 16),
 ])
 def test_every_parameter_gets_a_gradient(model_fn):

@@ -308,3 +308,35 @@ def test_two_process_gloo_run(real_data_root, tmp_path):
     assert r.stdout.count("epoch   3/3") == 1  # one summary line per epoch, from rank 0
     ckpt = load_checkpoint(runs[0] / "checkpoints" / "last.pt")
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model is saved
+
+
+def test_monitor_logs_test_psnr_and_ssim_of_the_posterior_mean(tmp_path):
+    from spatialvae.metrics import psnr, ssim_score
+
+    cfg = smoke_cfg(**{"train.phase1.epochs": 1, "train.phase2.epochs": 0})
+    seed_everything(0)
+    watched = TinyXRays(6, seed=2)
+    tr = Trainer(build_model(cfg), build_loss(cfg), TinyXRays(), TinyXRays(8, seed=1), cfg, device="cpu",
+                 progress=False, monitor_data=watched)
+    row = tr.fit()[0]
+    x = torch.stack([watched[i][0] for i in range(len(watched))])
+    with torch.no_grad():
+        tr.raw_model.eval()
+        recon = tr.raw_model(x, sample_posterior=False)[0].clamp(0, 1)
+    assert row["monitor_psnr"] == pytest.approx(float(psnr(recon, x).mean()), rel=1e-5)
+    assert row["monitor_ssim"] == pytest.approx(float(ssim_score(recon, x).mean()), rel=1e-5)
+    assert row["monitor_seconds"] > 0 and "monitor_psnr" not in make_trainer(cfg).fit()[0]
+
+
+def test_a_version_1_checkpoint_loads_as_the_literal_model_it_was(tmp_path):
+    from spatialvae.training import load_model
+
+    cfg = smoke_cfg(**{"model.shortcut": "conv", "model.logvar_init": None, "loss.kl_reduction": "sum"})
+    model = build_model(cfg)
+    d = cfg.to_dict()
+    del d["model"]["shortcut"], d["model"]["logvar_init"]  # what version 1 wrote
+    atomic_torch_save({"version": 1, "model": model.state_dict(), "config": d}, tmp_path / "old.pt")
+    loaded, got, _ = load_model(tmp_path / "old.pt")
+    assert (got.model.shortcut, got.model.logvar_init, got.loss.kl_reduction) == ("conv", None, "sum")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
