@@ -163,7 +163,8 @@ def _row(name: str, cfg: Config, run_dir: Path, metrics: dict, history: list[dic
         "train_seconds": round(sum(float(h["seconds"]) for h in history), 1),
         "best_epoch": metrics["checkpoint"]["epoch"],
         "test_ssim": rec["ssim"], "test_psnr_db": rec["psnr_db"], "test_l1": rec["l1"],
-        "prior": sampler("prior"), "aggregate_posterior": sampler("aggregate_posterior"),
+        "test_identity": metrics["reconstruction"].get("identity"),
+        "prior": sampler("prior"), "aggregate_posterior": sampler("aggregate_posterior"), "gmm": sampler("gmm"),
         "perceptual_mode": metrics["perceptual_mode"],
         "eval_seconds": metrics["seconds"],
     }
@@ -268,21 +269,23 @@ def write_results(out: Path, rows: list[dict], base: Config) -> None:
 
 
 def ablation_table(rows: list[dict], base: Optional[Config] = None) -> str:
-    """One markdown table: reconstruction on the test split, prior and aggregate-posterior samples."""
+    """One markdown table: reconstruction on the test split (with identity), prior and GMM samples."""
     def f(v, fmt):
         return "n/a" if v is None else fmt.format(v)
 
-    head = ("| variant | change | params | train s | test SSIM | PSNR dB | prior dFD | posterior dFD | "
-            "prior FID | posterior FID | prior MS-SSIM | posterior MS-SSIM |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| variant | change | params | train s | test SSIM | PSNR dB | identity | prior dFD | GMM dFD | "
+            "prior FID | GMM FID | prior MS-SSIM | GMM MS-SSIM |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        p, q = r["prior"], r["aggregate_posterior"]
+        p, q = r["prior"], r.get("gmm") or {}
+        ident = r.get("test_identity")
         lines.append(
             f"| {r['variant']} | {r['change']} | {r['parameters'] / 1e6:.2f} M | {r['train_seconds']:.0f} | "
             f"{f(r['test_ssim'], '{:.3f}')} | {f(r['test_psnr_db'], '{:.2f}')} | "
-            f"{f(p['domain_fd_vs_train'], '{:.1f}')} | {f(q['domain_fd_vs_train'], '{:.1f}')} | "
-            f"{f(p['fid'], '{:.1f}')} | {f(q['fid'], '{:.1f}')} | "
-            f"{f(p['ms_ssim_diversity'], '{:.3f}')} | {f(q['ms_ssim_diversity'], '{:.3f}')} |")
+            f"{f(None if ident is None else 100 * ident, '{:.1f} %')} | "
+            f"{f(p['domain_fd_vs_train'], '{:.1f}')} | {f(q.get('domain_fd_vs_train'), '{:.1f}')} | "
+            f"{f(p['fid'], '{:.1f}')} | {f(q.get('fid'), '{:.1f}')} | "
+            f"{f(p['ms_ssim_diversity'], '{:.3f}')} | {f(q.get('ms_ssim_diversity'), '{:.3f}')} |")
     if base is not None:
         from .training import perceptual_mode
         lines += ["", f"{base.data.image_size} px, {base.train.phase1.epochs} + {base.train.phase2.epochs} epochs "

@@ -159,11 +159,11 @@ def grid_rows(path: str | os.PathLike, tile: int, n_rows: int, padding: int = 2)
 
 def ablation_figure(rows: list[dict], path: str | os.PathLike | None = None, n_rows: int = 2):
     """One row per ablation variant: test reconstructions (originals above their reconstructions),
-    prior samples and aggregate-posterior samples, cropped from each run's evaluation grids."""
+    prior samples and GMM (aggregate-posterior) samples, cropped from each run's evaluation grids."""
     plt = _plt()
     columns = [("eval_reconstructions.png", "test: original / reconstruction"),
                ("eval_prior.png", "prior N(0, I) samples"),
-               ("eval_aggregate_posterior.png", "aggregate-posterior samples")]
+               ("eval_gmm.png", "GMM (aggregate posterior) samples")]
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(4.2 * len(columns), 1.25 * len(rows) + 0.4),
                              squeeze=False)
     for r, row in enumerate(rows):

@@ -91,10 +91,12 @@ def test_impossible_ablations_raise_config_error(call, match):
 def test_table_has_one_row_per_variant_and_na_for_missing_metrics():
     sampler = {"fid": None, "domain_fd_vs_train": 12.345, "ms_ssim_diversity": 0.5, "nn_train_rmse": 0.1}
     rows = [{"variant": v, "change": "c", "parameters": 2_000_000, "train_seconds": 61.0, "test_ssim": 0.5,
-             "test_psnr_db": 18.0, "prior": sampler, "aggregate_posterior": sampler} for v in ("recipe", "mse")]
+             "test_psnr_db": 18.0, "test_identity": 0.99, "prior": sampler, "gmm": sampler} for v in ("recipe", "mse")]
+    rows[1].pop("gmm"), rows[1].pop("test_identity")  # a row from before GMM and identity were reported
     lines = ablation_table(rows).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| recipe |") and lines[3].startswith("| mse |")
-    assert "| 2.00 M | 61 | 0.500 | 18.00 | 12.3 | 12.3 | n/a | n/a | 0.500 | 0.500 |" in lines[2]
+    assert "| 2.00 M | 61 | 0.500 | 18.00 | 99.0 % | 12.3 | 12.3 | n/a | n/a | 0.500 | 0.500 |" in lines[2]
+    assert "| 2.00 M | 61 | 0.500 | 18.00 | n/a | 12.3 | n/a | n/a | n/a | 0.500 | n/a |" in lines[3]
 
 
 def test_ablate_command_trains_evaluates_and_resumes(real_data_root, tmp_path, capsys):
