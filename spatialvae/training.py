@@ -43,6 +43,7 @@ from .data import make_dataloader
 from .engine import autocast_context, train_step
 from .errors import CheckpointError, SpatialVAEError, short_reason
 from .files import atomic_torch_save, atomic_write_bytes  # noqa: F401 - re-exported
+from .metrics import psnr, ssim_score
 
 CHECKPOINT_VERSION = 2  # 2: model.shortcut, model.logvar_init and kl_reduction=mean became the defaults
 # Keys a version-1 checkpoint's config lacks, with the values it was trained with.
@@ -381,8 +382,6 @@ class Trainer:
         """PSNR / SSIM of posterior-mean reconstructions of ``monitor_data`` (the test split in
         time-to-quality runs) -> {monitor_psnr, monitor_ssim, monitor_seconds}. Its time is kept
         apart from ``seconds``, so a watched run's clock is the same as an unwatched one's."""
-        from .metrics import psnr, ssim_score
-
         t0 = time.perf_counter()
         loader = DataLoader(self.monitor_data, batch_size=max(64, self.cfg.data.batch_size))
         was_training = self.raw_model.training
