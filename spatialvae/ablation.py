@@ -244,7 +244,7 @@ def run_ablation(out: str | os.PathLike, base: Config, names: Optional[Sequence[
             del trainer
         if not metrics_path.is_file():
             evaluate_run(run_dir, checkpoint="best", features_path=features_path, inception=inception,
-                         samplers=("prior", "aggregate_posterior"), progress=progress, device=device,
+                         samplers=("prior", "aggregate_posterior", "gmm"), progress=progress, device=device,
                          n_samples=n_samples, seed=base.train.seed)
         metrics = json.loads(metrics_path.read_text())
         history = read_history_csv(run_dir / "history.csv")
