@@ -14,6 +14,7 @@ import warnings
 from typing import Optional, Sequence
 
 from . import __version__
+from .ablation import VARIANT_NAMES
 from .config import PRESETS
 from .errors import SpatialVAEError
 
@@ -333,17 +334,14 @@ def _bench_curve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="spatialvae", description="Spatial-latent VAE for chest X-rays (see README.md).")
-    parser.add_argument("--version", action="version", version=f"spatialvae {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_data_parser(sub) -> None:
     p = sub.add_parser("data", help="check the dataset: counts, sizes, skipped files, validation split")
     _add_data_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_data)
 
+
+def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train both phases into a numbered run folder")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
     p.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
@@ -360,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "its time is kept out of 'seconds'), for time-to-quality curves")
     p.set_defaults(func=cmd_train)
 
+
+def _add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("--run", metavar="RUN_DIR", required=True)
     p.add_argument("--n", type=int, default=64)
@@ -372,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
 
+
+def _add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="measure a run on the test split and write RUN_DIR/metrics.json")
     p.add_argument("--run", metavar="RUN_DIR", required=True)
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: the run's own)")
@@ -385,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_features_parser(sub) -> None:
     p = sub.add_parser("features", help="train the chest X-ray feature extractor for the domain Fréchet distance")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
     p.add_argument("--out", metavar="FILE.pt", required=True)
@@ -395,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_features)
 
+
+def _add_ablate_parser(sub) -> None:
     p = sub.add_parser("ablate", help="train and evaluate the recipe, the original baseline and one-change variants")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
     p.add_argument("--out", default="runs/ablation", help="results folder; re-running it resumes (default: runs/ablation)")
@@ -403,8 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, nargs=2, metavar=("P1", "P2"), default=[8, 10],
                    help="epochs of phase 1 and phase 2 for every variant (default 8 10: ~10 min each on 2 CPU cores)")
     p.add_argument("--variants", default=None,
-                   help="comma-separated subset of: recipe, original, no_perceptual, no_ssim, mse, no_attention, "
-                        "transposed, single_phase (default: all)")
+                   help=f"comma-separated subset of: {', '.join(VARIANT_NAMES)} (default: all)")
     p.add_argument("--perceptual", choices=("imagenet", "random", "off"), default="imagenet",
                    help="VGG16 weights of the perceptual term: imagenet (the recipe), random (explicit opt-in), "
                         "off (no perceptual term anywhere; no_perceptual is then skipped)")
@@ -418,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ablate)
 
+
+def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure data and training-step speed (eager, channels_last, compile, AMP)")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
     p.add_argument("--out", metavar="FILE.json", default="runs/bench.json", help="figures as JSON (default runs/bench.json)")
@@ -437,6 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "with `train --monitor-test`; writes time_to_quality.{png,md,json} beside --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spatialvae", description="Spatial-latent VAE for chest X-rays (see README.md).")
+    parser.add_argument("--version", action="version", version=f"spatialvae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_data_parser(sub)
+    _add_train_parser(sub)
+    _add_sample_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_features_parser(sub)
+    _add_ablate_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
