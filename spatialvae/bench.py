@@ -150,18 +150,8 @@ def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, set
     sync()
     warmup = time.perf_counter() - t0
     step()  # every setting makes the same number of updates; compiled code may finish compiling here
-    times = []
-    finite = True
-    last_loss = first_loss
-    with _PeakRss() as rss:  # steady-state steps only: compile-time memory is not a training cost
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            last_loss = step()
-            sync()
-            times.append(time.perf_counter() - t0)
-            finite &= bool(torch.isfinite(torch.tensor(last_loss)))
-    peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else rss.peak - rss_before
+    times, last_loss, finite, rss_peak = _timed_steps(step, repeats, sync)
+    peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else rss_peak - rss_before
     med = statistics.median(times)
     # The safety check compares the loss after repeats + 2 identical updates with eager's: the first
     # loss alone can match bit for bit (a near-constant decoder output at initialisation).
@@ -173,6 +163,23 @@ def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, set
             "peak_memory_kind": ("CUDA max allocated" if dev.type == "cuda"
                                  else "peak resident memory during the timed steps minus that after importing torch"),
             "device": str(dev), "threads": torch.get_num_threads()}
+
+
+def _timed_steps(step, repeats: int, sync) -> tuple[list, float, bool, float]:
+    """Run ``repeats`` steps, each timed between device syncs -> (seconds, last loss, all finite,
+    peak resident MB). Steady-state steps only: compile-time memory is not a training cost."""
+    import math
+
+    times, finite, last_loss = [], True, math.nan
+    with _PeakRss() as rss:
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            last_loss = step()
+            sync()
+            times.append(time.perf_counter() - t0)
+            finite &= math.isfinite(last_loss)
+    return times, last_loss, finite, rss.peak
 
 
 def _run_in_child(args: dict, timeout: float) -> dict:
