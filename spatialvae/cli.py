@@ -192,6 +192,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             best = min((h["val_select"] for h in history if "val_select" in h), default=float("nan"))
             log.info(f"done: {run_dir} | {len(history)} epochs, best val loss (final beta) {best:.4f} | "
                      f"{time.perf_counter() - t0:.0f} s this session")
+            if cfg.prior.enabled:  # the short last stage: resumes like the rest, skipped once finished
+                from .prior import fit_run_prior, prior_path
+
+                t1 = time.perf_counter()
+                fit_run_prior(run_dir, cfg, splits, device, progress=not args.quiet, log=log.info)
+                log.info(f"latent prior: {prior_path(run_dir)} | {time.perf_counter() - t1:.0f} s this session")
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -199,32 +205,81 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    """Samples (GMM on the training latents by default) from a run's checkpoint as one PNG grid."""
+    """Samples from a run's checkpoint as one PNG grid: GMM on the training latents by default,
+    the learned prior, per class with --label."""
     from pathlib import Path
 
     import torch
 
+    from .sampling import parse_label_mix
     from .training import load_model
     from .viz import image_grid, save_png
 
+    labels = parse_label_mix(args.label, args.n)  # an unknown label fails before anything is loaded
+    if labels is not None and args.sampler == "prior":
+        from .errors import ConfigError
+        raise ConfigError("--label needs a sampler that knows the classes: learned, gmm or gaussian")
     path = Path(args.run) / "checkpoints" / f"{args.checkpoint}.pt"
     model, cfg, ckpt = load_model(path)
     gen = torch.Generator().manual_seed(args.seed)
     if args.sampler == "prior":
         images = model.sample(args.n, generator=gen)
-    else:  # fit the sampler to the training split's posterior means (the run's own data and split)
-        from .data import make_datasets
-        from .sampling import GaussianSampler, GMMSampler, encode_dataset, generate
-
-        if args.data is not None:
-            cfg.data.root = args.data
-        train = make_datasets(cfg.data, seed=cfg.train.seed, progress=False).train
-        train.hflip = False
-        train.set_epoch(0)
-        sampler = GMMSampler(n_components=10, seed=args.seed) if args.sampler == "gmm" else GaussianSampler()
-        images = generate(model, sampler.fit(encode_dataset(model, train)), args.n, gen)
+    else:
+        sampler = _fitted_sampler(args, model, cfg, labels is not None)
+        if args.sampler == "learned":
+            from .sampling import decode_latents
+            images = decode_latents(model, sampler.sample(args.n, gen, labels=labels, guidance=args.guidance))
+        else:
+            from .sampling import generate
+            images = generate(model, sampler, args.n, gen, labels=labels)
     out = save_png(image_grid(images, nrow=int(max(1, round(args.n ** 0.5)))), args.out)
-    print(f"wrote {args.n} {args.sampler} samples from {path} (epoch {ckpt['epoch']}) to {out}")
+    what = f"{args.sampler} samples" + (f" ({args.label})" if args.label else "")
+    print(f"wrote {args.n} {what} from {path} (epoch {ckpt['epoch']}) to {out}")
+    return 0
+
+
+def _fitted_sampler(args: argparse.Namespace, model, cfg, per_class: bool):
+    """The learned prior from the run folder, or a Gaussian / GMM fitted to the training split's
+    posterior means (one per class with --label)."""
+    if args.sampler == "learned":
+        from .prior import load_prior
+        return load_prior(args.run, model.latent_shape)
+    from .data import make_datasets
+    from .prior import run_latents
+    from .sampling import GaussianSampler, GMMSampler, PerClass
+
+    if args.data is not None:
+        cfg.data.root = args.data
+    lat = run_latents(model, make_datasets(cfg.data, seed=cfg.train.seed, progress=False))
+    make = (lambda: GMMSampler(n_components=10, seed=args.seed)) if args.sampler == "gmm" else GaussianSampler
+    if per_class:
+        return PerClass(make, args.sampler).fit(lat["train"], lat["train_labels"])
+    return make().fit(lat["train"])
+
+
+def cmd_prior(args: argparse.Namespace) -> int:
+    """Train (or finish) the learned latent prior of an existing run."""
+    from pathlib import Path
+
+    from .config import Config
+    from .errors import ConfigError
+    from .prior import fit_run_prior, prior_path
+
+    cfg_path = Path(args.run) / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{args.run} is not a run folder (no config.json); pass the folder `train` created")
+    bad = [s for s in args.set if not s.startswith("prior.")]
+    if bad:
+        raise ConfigError(f"`prior --set` changes only prior.* settings, not {bad[0]!r}; e.g. --set prior.steps=3000")
+    cfg = Config.from_json(cfg_path).with_overrides(args.set)
+    if args.data:
+        cfg.data.root = args.data
+    t0 = time.perf_counter()
+    prior = fit_run_prior(args.run, cfg, progress=not args.quiet, force=args.force, if_done="error",
+                          log=lambda msg: print(msg, flush=True))
+    d = prior.describe()
+    print(f"wrote {prior_path(args.run)}: {d['parameters']:,} parameters, {d['steps']} steps, "
+          f"{time.perf_counter() - t0:.0f} s")
     return 0
 
 
@@ -236,7 +291,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run, data_root=args.data, checkpoint=args.checkpoint, n_samples=args.n,
                            features_path=args.features, inception=args.inception, progress=not args.quiet,
-                           seed=args.seed)
+                           seed=args.seed, tstr_per_class=args.tstr)
     print(metrics_table(metrics))
     print(f"\nwrote {Path(args.run) / 'metrics.json'} ({metrics['seconds']:.0f} s)")
     return 0
@@ -365,12 +420,28 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--out", metavar="FILE.png", required=True)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--sampler", choices=("gmm", "gaussian", "prior"), default="gmm",
-                   help="gmm (default) or gaussian: fitted to the training latents (needs the data); prior: N(0, I), "
-                        "which the low-KL latent does not fill")
+    p.add_argument("--sampler", choices=("gmm", "gaussian", "learned", "prior"), default="gmm",
+                   help="gmm (default) or gaussian: fitted to the training latents (needs the data); learned: the "
+                        "run's flow-matching prior (checkpoints/prior.pt); prior: N(0, I), which the low-KL latent "
+                        "does not fill")
+    p.add_argument("--label", default=None,
+                   help="normal, pneumonia, or a mix such as normal:0.3,pneumonia:0.7 (default: the training mix)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale of the learned prior (default: the run's prior.guidance)")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder for gmm/gaussian (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+
+def _add_prior_parser(sub) -> None:
+    p = sub.add_parser("prior", help="train the learned latent prior of an existing run (checkpoints/prior.pt)")
+    p.add_argument("--run", metavar="RUN_DIR", required=True)
+    p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: the run's own)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a prior setting, e.g. --set prior.steps=3000 (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace a finished or differently configured prior")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prior)
 
 
 def _add_evaluate_parser(sub) -> None:
@@ -383,6 +454,9 @@ def _add_evaluate_parser(sub) -> None:
                    help="auto (cache, else download), off, or a path to the FID Inception weights")
     p.add_argument("--features", metavar="FILE.pt", default=None,
                    help="X-ray feature extractor from the `features` command: adds domain FD/KID")
+    p.add_argument("--tstr", type=int, default=500, metavar="N",
+                   help="train-on-synthetic-test-on-real with N images per class per conditional sampler "
+                        "(default 500, ~2 min at 64 px on 2 CPU cores); 0 skips it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
@@ -454,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(sub)
     _add_train_parser(sub)
     _add_sample_parser(sub)
+    _add_prior_parser(sub)
     _add_evaluate_parser(sub)
     _add_features_parser(sub)
     _add_ablate_parser(sub)

@@ -38,16 +38,20 @@ from .data import as_float_images
 from .errors import SpatialVAEError, WeightsError, short_reason
 from .metrics import (PSNR_CAP_DB, duplicate_count, l1, nearest_is_self, pca_reconstruct, psnr,  # noqa: F401
                       ssim_score)
-from .sampling import (GaussianSampler, GMMSampler, PriorSampler, encode_dataset, eval_mode, generate, interpolate,
-                       save_grid, seeded_subset)
+from .sampling import (CLASS_NAMES, GaussianSampler, GMMSampler, PerClass, PriorSampler, decode_latents,
+                       encode_dataset, eval_mode, generate, interpolate, save_grid, seeded_subset)
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")  # torch-fidelity's URL_INCEPTION_V3
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # its name in the torch hub cache
 INCEPTION_FEATURES = 2048  # pool3 features, the standard FID layer
 DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation: a firewalled network fails instead of hanging
-SAMPLERS = ("prior", "aggregate_posterior", "gmm")
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+# Unconditional, then class-conditional (one fit per class, or the learned prior with labels, drawn
+# in the training class mix); learned_label_free is the learned prior's label-free model.
+SAMPLERS = ("prior", "aggregate_posterior", "gmm", "aggregate_posterior_per_class", "gmm_per_class", "learned",
+            "learned_label_free")
+LEARNED = ("learned", "learned_label_free")  # need the run's checkpoints/prior.pt
+TSTR_SOURCES = ("aggregate_posterior_per_class", "gmm_per_class", "learned")  # class-conditional samplers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +368,71 @@ def _json_safe(x):
     return x
 
 
+def make_sampler(name: str, model: nn.Module, seed: int, prior=None):
+    """The sampler behind an evaluate row -> (sampler, class-conditional?)."""
+    return {
+        "prior": lambda: (PriorSampler(model.latent_shape), False),
+        "aggregate_posterior": lambda: (GaussianSampler(), False),
+        "gmm": lambda: (GMMSampler(n_components=10, seed=seed), False),
+        "aggregate_posterior_per_class": lambda: (PerClass(GaussianSampler, "aggregate_posterior"), True),
+        "gmm_per_class": lambda: (PerClass(lambda: GMMSampler(n_components=10, seed=seed), "gmm"), True),
+        "learned": lambda: (prior, True),
+        "learned_label_free": lambda: (prior, True),
+    }[name]()
+
+
+def sampler_labels(name: str, train_labels: torch.Tensor, n: int, seed: int) -> Optional[torch.Tensor]:
+    """Labels a conditional row asks for: those of a seeded subset of the training split (its class
+    mix); the label-free row asks for label 2 (no label); unconditional rows for none."""
+    if name == "learned_label_free":
+        return torch.full((n,), len(CLASS_NAMES), dtype=torch.long)
+    if name in ("aggregate_posterior_per_class", "gmm_per_class", "learned"):
+        if n <= len(train_labels):
+            return train_labels[seeded_subset(len(train_labels), n, seed)].long()
+        return train_labels.long()[torch.randint(len(train_labels), (n,), generator=torch.Generator().manual_seed(seed))]
+    return None
+
+
+def _fit_sampler(name: str, model: nn.Module, seed: int, prior, train_mu, train_labels):
+    sampler, conditional = make_sampler(name, model, seed, prior)
+    if name in LEARNED:
+        return sampler
+    return sampler.fit(train_mu, train_labels) if conditional else sampler.fit(train_mu)
+
+
+def decoder_floor(model: nn.Module, train_mu: torch.Tensor, ref_b: torch.Tensor, test_recons: torch.Tensor,
+                  domain_net, size: int, dom_ref_a: torch.Tensor, seed: int, device) -> dict:
+    """What a perfect latent sampler scores: FD vs train of the decoder's own images.
+
+    ``fd_vs_train``: reconstructions of training images (the half not used as the reference,
+    so the same N and images as the real train-vs-train floor): a sampler that reproduced the
+    training latents exactly would score this. ``test_reconstructions_fd_vs_train``: the test
+    split's reconstructions, which also carry the test split's shift from train (class mix)."""
+    from .features import domain_fd_kid, extract_features
+
+    recon_b = decode_latents(model, train_mu[ref_b])
+    fd_b = domain_fd_kid(dom_ref_a, extract_features(domain_net, recon_b, size, device=device), seed)
+    fd_test = domain_fd_kid(dom_ref_a, extract_features(domain_net, test_recons, size, device=device), seed)
+    return {"fd_vs_train": fd_b["fd"], "kid_vs_train": fd_b["kid_mean"], "n": len(ref_b),
+            "test_reconstructions_fd_vs_train": fd_test["fd"]}
+
+
+def tstr_block(model: nn.Module, samplers: dict, splits, test_u8: torch.Tensor, per_class: int, seed: int,
+               batch_size: int, progress: bool) -> dict:
+    """Train-on-synthetic, test-on-real for the class-conditional samplers (see `spatialvae.tstr`)."""
+    from .tstr import LabelledImages, run_tstr
+
+    def source(sampler):
+        return lambda labels, s: generate(model, sampler, len(labels), torch.Generator().manual_seed(s), batch_size,
+                                          labels=labels)
+
+    gens = {name: source(samplers[name]) for name in TSTR_SOURCES if name in samplers}
+    real_val = LabelledImages(splits.val.images, splits.val.labels)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    return run_tstr(LabelledImages(splits.train.images, splits.train.labels), real_val,
+                    LabelledImages(test_u8, splits.test.labels), gens, per_class=per_class, seed=seed, log=log)
+
+
 # ---------------------------------------------------------------------------------------------
 # The evaluation
 # ---------------------------------------------------------------------------------------------
@@ -371,28 +440,37 @@ def _json_safe(x):
 def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None, checkpoint: str = "best",
                  n_samples: Optional[int] = None, features_path: str | os.PathLike | None = None,
                  device: torch.device | str | None = None, batch_size: int = 64, progress: bool = True,
-                 inception: str = "auto", samplers: Sequence[str] = SAMPLERS, seed: int = 0) -> dict:
+                 inception: str = "auto", samplers: Optional[Sequence[str]] = None, seed: int = 0,
+                 tstr_per_class: int = 500) -> dict:
     """Evaluate a run folder; writes ``run_dir/metrics.json`` (atomically) and returns its dict.
 
     checkpoint: "best", "last" or a path to a .pt file. data_root: overrides the dataset folder
     stored in the run's config (the splits, image size and preprocessing stay the run's).
     n_samples: images generated per sampler (default: the size of the test split). inception:
     "auto" | "off" | path to the FID Inception weights (see `load_inception`). samplers: any of
-    "prior", "aggregate_posterior", "gmm". features_path: a file from `python -m spatialvae features`:
-    adds the domain Fréchet distance and KID (per sampler and the train-vs-test floor). seed: every random choice (samples, subsets, KID).
+    `SAMPLERS` (default: all; the learned ones only when the run has ``checkpoints/prior.pt``).
+    features_path: a file from `python -m spatialvae features`: adds the domain Fréchet distance and
+    KID (per sampler, the real floors and the decoder's floor). tstr_per_class: images per class for
+    train-on-synthetic-test-on-real (0 skips it). seed: every random choice (samples, subsets, KID).
     """
     from .data import make_datasets
     from .files import atomic_write_bytes
     from .training import default_device, load_model, perceptual_mode
 
+    from .prior import load_prior, prior_path
+
     t_start = time.perf_counter()
-    unknown = sorted(set(samplers) - set(SAMPLERS))
+    unknown = sorted(set(samplers or ()) - set(SAMPLERS))
     if unknown:
         raise SpatialVAEError(f"unknown sampler(s) {unknown}: choose from {', '.join(SAMPLERS)}")
     run_dir = Path(run_dir)
     device = torch.device(device) if device is not None else default_device()
     ckpt_path = _checkpoint_path(run_dir, checkpoint)
     model, cfg, ckpt = load_model(ckpt_path, device)  # weights_only: nothing in the file is executed
+    has_prior = prior_path(run_dir).is_file()
+    if samplers is None:
+        samplers = [n for n in SAMPLERS if has_prior or n not in LEARNED]
+    prior = load_prior(run_dir, model.latent_shape) if set(LEARNED) & set(samplers) else None
     # Before the data and the model work: an explicit weights file that cannot be used fails fast.
     domain_net = domain_info = None
     if features_path is not None:
@@ -429,6 +507,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     reference = {
         "test_ms_ssim_diversity": pairwise_ms_ssim(as_float_images(test_u8), seed=seed),
         "test_nn_train_rmse": summarize(test_nn),
+        "val_nn_train_rmse": summarize(nearest_neighbour(splits.val.images, train_u8)[0]) if len(splits.val) else None,
     }
     train_subset = seeded_subset(len(train_u8), n_gen, seed)
     feats_test = None
@@ -465,22 +544,27 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
             domain["note"] = note
 
     # ---- samplers -----------------------------------------------------------------------------
-    train_mu = None
-    if {"aggregate_posterior", "gmm"} & set(samplers):
-        splits.train.hflip = False  # the originals, as the test split is seen
-        splits.train.set_epoch(0)
-        train_mu = encode_dataset(model, splits.train, batch_size, device, progress)  # (N, *latent_shape)
-    results = {}
+    splits.train.hflip = False  # the originals, as the test split is seen
+    splits.train.set_epoch(0)
+    train_mu = encode_dataset(model, splits.train, batch_size, device, progress)  # (N, *latent_shape)
+    train_labels = splits.train.labels
+    if domain is not None:
+        domain["decoder_floor"] = decoder_floor(model, train_mu, ref_b, recons, domain_net, size, dom_ref_a, seed,
+                                                device)
+    results, fitted = {}, {}
     for name in samplers:
         t0 = time.perf_counter()
-        sampler = {"prior": lambda: PriorSampler(model.latent_shape),
-                   "aggregate_posterior": lambda: GaussianSampler(),
-                   "gmm": lambda: GMMSampler(n_components=10, seed=seed)}[name]().fit(train_mu)
-        fit_seconds = time.perf_counter() - t0
-        images = generate(model, sampler, n_gen, torch.Generator().manual_seed(seed), batch_size)  # (n, 1, S, S)
+        sampler = fitted[name] = _fit_sampler(name, model, seed, prior, train_mu, train_labels)
+        fit_seconds = time.perf_counter() - t0 if name not in LEARNED else prior.train_seconds
+        labels = sampler_labels(name, train_labels, n_gen, seed)
+        t0 = time.perf_counter()
+        images = generate(model, sampler, n_gen, torch.Generator().manual_seed(seed), batch_size,
+                          labels=labels)  # (n, 1, S, S)
+        sample_seconds = time.perf_counter() - t0
         save_grid(images[:64], out_dir / f"eval_{name}.png")
         pictures[name] = f"samples/eval_{name}.png"
-        res = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2)}
+        res = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2),
+               "sample_seconds": round(sample_seconds, 2), "conditional": labels is not None}
         if net is not None:
             feats = inception_features(net, images, batch_size, device, progress, f"inception {name}")
             res.update(fid_kid(feats_test, feats, seed))
@@ -494,6 +578,9 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
                         "domain_fd_vs_train": dom_tr["fd"], "domain_kid_vs_train": dom_tr["kid_mean"]})
         res.update(_sample_metrics(images, train_u8, seed))
         results[name] = res
+    tstr = None
+    if tstr_per_class > 0 and any(n in fitted for n in TSTR_SOURCES):
+        tstr = tstr_block(model, fitted, splits, test_u8, tstr_per_class, seed, batch_size, progress)
 
     metrics = {
         "run_dir": str(run_dir),
@@ -518,6 +605,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
         "reference": reference,
         "domain": domain,
         "samplers": results,
+        "tstr": tstr,
         "images": pictures,
         "notes": {
             "ms_ssim_diversity": "mean MS-SSIM over all pairs of a seeded subset of up to 50 images; lower = more "
@@ -532,6 +620,18 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     metrics = _json_safe(metrics)
     atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
     return metrics
+
+
+def _tstr_lines(tstr: Optional[dict], f) -> list[str]:
+    if not tstr:
+        return []
+    lines = ["", f"| TSTR: classifier trained on {tstr['per_class']} images per class, tested on real test | "
+                 "accuracy | balanced accuracy | x real |", "|---|---:|---:|---:|"]
+    for name, r in tstr.items():
+        if isinstance(r, dict) and "balanced_accuracy" in r:
+            ratio = "1.00 (reference)" if name == "real" else f(r.get("ratio_to_real"), "{:.2f}")
+            lines.append(f"| {name} | {f(r['accuracy'], '{:.3f}')} | {f(r['balanced_accuracy'], '{:.3f}')} | {ratio} |")
+    return lines
 
 
 def metrics_table(metrics: dict) -> str:
@@ -571,6 +671,9 @@ def metrics_table(metrics: dict) -> str:
     lines.append(f"| real train vs test (floor) | {f(tv['fid'], '{:.1f}')} | {f(tv['kid_mean'])} | "
                  f"{f(ref['test_ms_ssim_diversity']['mean'])} | {f(ref['test_nn_train_rmse']['mean'])} / "
                  f"{f(ref['test_nn_train_rmse']['min'])} |")
+    if ref.get("val_nn_train_rmse"):
+        lines.append(f"| real validation images (held-out patients) | | | | {f(ref['val_nn_train_rmse']['mean'])} / "
+                     f"{f(ref['val_nn_train_rmse']['min'])} |")
     dom = metrics.get("domain")
     if dom:
         lines += ["", f"| domain features ({dom['feature_dim']}-d, extractor test accuracy "
@@ -582,6 +685,13 @@ def metrics_table(metrics: dict) -> str:
         fl, ft = dom["floor_train_vs_test"], dom["floor_train_vs_train"]
         lines.append(f"| real train images (floor) | {f(fl['fd'], '{:.3f}')} | {f(fl['kid_mean'])} | "
                      f"{f(ft['fd'], '{:.3f}')} | {f(ft['kid_mean'])} |")
+        if dom.get("decoder_floor"):
+            d = dom["decoder_floor"]
+            lines.append(f"| decoder floor: reconstructed train images | | | {f(d['fd_vs_train'], '{:.3f}')} | "
+                         f"{f(d['kid_vs_train'])} |")
+            lines.append(f"| reconstructed test images (carry the test shift) | | | "
+                         f"{f(d['test_reconstructions_fd_vs_train'], '{:.3f}')} | |")
+    lines += _tstr_lines(metrics.get("tstr"), f)
     if metrics.get("inception_unavailable"):
         lines += ["", f"FID/KID not computed: {metrics['inception_unavailable']}"]
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -183,6 +183,83 @@ class GMMSampler:
                 "converged": bool(self.gmm.converged_), "n_iter": int(self.gmm.n_iter_)}
 
 
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0 and 1, as the datasets number them
+
+
+class PerClass:
+    """One sampler per class, each fitted on its class's latents: class-conditional Gaussian / GMM.
+
+    ``sample(n, generator, labels)`` draws latent i from the model of ``labels[i]``; without
+    labels, the classes are drawn in their training proportions.
+    """
+
+    def __init__(self, make: Callable[[], object], name: str):
+        self.make, self.name = make, name
+        self.samplers: dict[int, object] = {}
+        self.weights: Optional[torch.Tensor] = None
+
+    def fit(self, latents: torch.Tensor, labels: torch.Tensor) -> "PerClass":
+        labels = torch.as_tensor(labels).long()
+        if len(labels) != len(latents):
+            raise SpatialVAEError(f"{len(labels)} labels for {len(latents)} latents")
+        counts = torch.bincount(labels, minlength=len(CLASS_NAMES)).double()
+        self.weights = counts / counts.sum()
+        self.samplers = {k: self.make().fit(latents[labels == k]) for k in range(len(CLASS_NAMES)) if counts[k] >= 2}
+        return self
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None,
+               labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels is None:
+            labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        labels = torch.as_tensor(labels).long().reshape(-1)
+        missing = sorted(set(labels.tolist()) - set(self.samplers))
+        if missing:
+            raise SpatialVAEError(f"no training latents of class {[CLASS_NAMES[k] for k in missing]} to sample from")
+        out: Optional[torch.Tensor] = None
+        for k, sampler in self.samplers.items():
+            idx = (labels == k).nonzero().flatten()
+            if len(idx):
+                z = sampler.sample(len(idx), generator=generator)
+                out = z.new_zeros((n, *z.shape[1:])) if out is None else out
+                out[idx] = z
+        return out
+
+    def describe(self) -> dict:
+        return {"kind": "one sampler per class", "classes": {CLASS_NAMES[k]: s.describe() for k, s in self.samplers.items()}}
+
+
+def parse_label_mix(text: Optional[str], n: int) -> Optional[torch.Tensor]:
+    """``normal``, ``pneumonia`` or a mix ``normal:0.3,pneumonia:0.7`` -> n labels (NORMAL first).
+
+    None or "" -> None (unconditional). Shares are normalised; counts use the largest remainder.
+    """
+    if not text:
+        return None
+    shares: dict[int, float] = {}
+    for part in text.split(","):
+        name, _, share = part.strip().partition(":")
+        key = name.strip().upper()
+        if key not in CLASS_NAMES:
+            raise SpatialVAEError(f"unknown label {name.strip()!r}: use normal, pneumonia, or a mix such as "
+                                  "normal:0.5,pneumonia:0.5")
+        try:
+            value = float(share) if share else 1.0
+        except ValueError:
+            value = -1.0
+        if not (value >= 0 and value != float("inf")):
+            raise SpatialVAEError(f"label share {share!r} for {name.strip()} is not a number >= 0; write e.g. "
+                                  "normal:0.25,pneumonia:0.75")
+        shares[CLASS_NAMES.index(key)] = shares.get(CLASS_NAMES.index(key), 0.0) + value
+    total = sum(shares.values())
+    if total <= 0:
+        raise SpatialVAEError(f"the label shares in {text!r} add up to 0; give at least one class a share")
+    exact = {k: n * v / total for k, v in shares.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: counts[k] - exact[k])[:n - sum(counts.values())]:
+        counts[k] += 1
+    return torch.cat([torch.full((counts.get(k, 0),), k, dtype=torch.long) for k in range(len(CLASS_NAMES))])
+
+
 # ---------------------------------------------------------------------------------------------
 # Encoding, generation, interpolation
 # ---------------------------------------------------------------------------------------------
@@ -240,9 +317,11 @@ def decode_latents(model: nn.Module, z: torch.Tensor, batch_size: int = 64) -> t
 
 
 def generate(model: nn.Module, sampler, n: int, generator: Optional[torch.Generator] = None,
-             batch_size: int = 64) -> torch.Tensor:
-    """n images decoded from ``sampler`` draws -> (n, C, H, W) in [0, 1] on the CPU."""
-    z = sampler.sample(n, generator=generator)  # (n, *latent_shape)
+             batch_size: int = 64, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """n images decoded from ``sampler`` draws -> (n, C, H, W) in [0, 1] on the CPU. ``labels``
+    (n,) asks a class-conditional sampler (`PerClass`, `LearnedPrior`) for those classes."""
+    z = sampler.sample(n, generator=generator) if labels is None else sampler.sample(n, generator=generator,
+                                                                                       labels=labels)
     return decode_latents(model, z, batch_size)
 
 
@@ -274,5 +353,5 @@ def seeded_subset(n_total: int, k: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
-__all__ = ["PriorSampler", "GaussianSampler", "GMMSampler", "encode_dataset", "decode_latents", "generate",
+__all__ = ["PriorSampler", "GaussianSampler", "GMMSampler", "PerClass", "parse_label_mix", "CLASS_NAMES", "encode_dataset", "decode_latents", "generate",
            "interpolate", "save_grid", "seeded_subset", "eval_mode"]
