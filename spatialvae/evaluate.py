@@ -6,8 +6,12 @@ writes ``run_dir/metrics.json`` plus sample grids under ``run_dir/samples/eval_*
 * reconstruction of the test split (decoding the posterior mean): SSIM, PSNR, L1, overall and
   per class;
 * sample quality for each sampler (``prior`` = N(0, I), ``aggregate_posterior`` = a Gaussian
-  fitted to the training posterior means, ``gmm`` = a Gaussian mixture on them): FID and KID
-  against the test split, with the train-vs-test value as the floor a perfect generator reaches;
+  fitted to the training posterior means, ``gmm`` = a Gaussian mixture on them, their
+  ``*_per_class`` versions fitted per class, and ``learned`` = the run's flow-matching prior,
+  `spatialvae.prior`): FID and KID against the test split, with the train-vs-test value as the
+  floor a perfect generator reaches; with an X-ray feature file also the domain FD, next to the
+  decoder's floor (its reconstructions of training images: no latent sampler can beat it);
+* usefulness: train on synthetic, test on real (`spatialvae.tstr`) for the conditional samplers;
 * diversity: mean pairwise MS-SSIM among samples (lower = more diverse; the test split's value
   is the reference);
 * memorisation: each sample's pixel RMSE to its nearest training image (either orientation,
@@ -400,6 +404,18 @@ def _fit_sampler(name: str, model: nn.Module, seed: int, prior, train_mu, train_
     return sampler.fit(train_mu, train_labels) if conditional else sampler.fit(train_mu)
 
 
+def _class_grids(model: nn.Module, sampler, name: str, out_dir: Path, seed: int, batch_size: int) -> dict:
+    """32 samples of each class from a class-conditional sampler -> samples/eval_NAME_CLASS.png."""
+    out = {}
+    for k, cls in enumerate(CLASS_NAMES):
+        labels = torch.full((32,), k, dtype=torch.long)
+        images = generate(model, sampler, 32, torch.Generator().manual_seed(seed), batch_size, labels=labels)
+        key = f"{name}_{cls.lower()}"
+        save_grid(images, out_dir / f"eval_{key}.png")
+        out[key] = f"samples/eval_{key}.png"
+    return out
+
+
 def decoder_floor(model: nn.Module, train_mu: torch.Tensor, ref_b: torch.Tensor, test_recons: torch.Tensor,
                   domain_net, size: int, dom_ref_a: torch.Tensor, seed: int, device) -> dict:
     """What a perfect latent sampler scores: FD vs train of the decoder's own images.
@@ -563,6 +579,8 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
         sample_seconds = time.perf_counter() - t0
         save_grid(images[:64], out_dir / f"eval_{name}.png")
         pictures[name] = f"samples/eval_{name}.png"
+        if labels is not None and name != "learned_label_free":
+            pictures.update(_class_grids(model, sampler, name, out_dir, seed, batch_size))
         res = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2),
                "sample_seconds": round(sample_seconds, 2), "conditional": labels is not None}
         if net is not None:

@@ -1,0 +1,289 @@
+"""The learned latent prior, class-conditional samplers, label mixes and TSTR."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spatialvae.config import ConfigError, PriorConfig, get_preset
+from spatialvae.errors import CheckpointError, SpatialVAEError
+from spatialvae.prior import N_CLASSES, FlowNet, LearnedPrior
+from spatialvae.sampling import GaussianSampler, PerClass, parse_label_mix
+from spatialvae.tstr import balanced_subset, class_labels
+
+SHAPE = (4, 2, 2)  # 16 latent values: tiny, so the prior learns in a second
+
+
+def two_clusters(n_per_class: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0 around -2, class 1 around +2 (spread 0.3), shape (2n, 4, 2, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(2).repeat_interleave(n_per_class)
+    centres = torch.where(labels == 0, -2.0, 2.0).view(-1, 1, 1, 1)
+    return centres + 0.3 * torch.randn((2 * n_per_class, *SHAPE), generator=g), labels
+
+
+def tiny_cfg(**kw) -> PriorConfig:
+    base = dict(width=32, depth=1, heads=2, steps=300, batch_size=64, lr=3e-3, warmup_steps=10, ema=0.9,
+                sample_steps=8, log_every=100, guidance=1.0)
+    return PriorConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("shape", [(64, 4, 4), (8, 4, 4), (4, 2, 2)])
+def test_flownet_keeps_the_latent_shape_and_starts_at_zero_velocity(shape):
+    net = FlowNet(shape, width=32, depth=2, heads=4)
+    x = torch.randn(3, *shape)
+    v = net(x, torch.rand(3), torch.tensor([0, 1, N_CLASSES]))
+    assert v.shape == x.shape
+    assert torch.count_nonzero(v) == 0  # zero-initialised output layer and adaLN gates
+
+
+@pytest.fixture(scope="module")
+def fitted() -> LearnedPrior:
+    x, y = two_clusters()
+    return LearnedPrior(tiny_cfg()).fit(x, y, x[:40], y[:40])
+
+
+def test_learned_prior_draws_each_class_near_its_own_cluster(fitted):
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    z = fitted.sample(100, torch.Generator().manual_seed(0), labels=labels)
+    assert z.shape == (100, *SHAPE)
+    means = z.flatten(1).mean(1)
+    assert (means[:50] < -1).all() and (means[50:] > 1).all()
+    assert fitted.history[-1]["step"] == 300 and fitted.history[-1]["val_loss"] < fitted.history[0]["val_loss"]
+
+
+def test_learned_prior_without_labels_follows_the_training_mix_and_is_seeded(fitted):
+    a = fitted.sample(200, torch.Generator().manual_seed(3))
+    b = fitted.sample(200, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    share_high = float((a.flatten(1).mean(1) > 0).float().mean())
+    assert 0.35 < share_high < 0.65  # classes 200 : 200
+
+
+def test_learned_prior_round_trips_through_its_state_dict(fitted):
+    again = LearnedPrior.from_state_dict(fitted.state_dict(), SHAPE)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(fitted.sample(8, g1, labels=torch.ones(8)), again.sample(8, g2, labels=torch.ones(8)))
+    with pytest.raises(CheckpointError, match=r"trained for latents of shape \(4, 2, 2\).*\(64, 4, 4\)"):
+        LearnedPrior.from_state_dict(fitted.state_dict(), (64, 4, 4))
+    with pytest.raises(CheckpointError, match="not a spatialvae latent prior"):
+        LearnedPrior.from_state_dict({"kind": "something else"}, SHAPE)
+
+
+def test_learned_prior_rejects_bad_labels(fitted):
+    with pytest.raises(SpatialVAEError, match="labels must be 4 values"):
+        fitted.sample(4, labels=torch.tensor([0, 1, 5, 0]))
+    with pytest.raises(SpatialVAEError, match="before fit"):
+        LearnedPrior().sample(2)
+
+
+def test_interrupted_prior_training_resumes_to_the_same_weights():
+    x, y = two_clusters(50)
+    cfg = tiny_cfg(steps=30, log_every=10)
+    whole = LearnedPrior(cfg).fit(x, y)
+
+    class Killed(Exception):
+        pass
+
+    saved: list[dict] = []
+
+    def save_then_die(state):
+        saved.append(state)
+        if state["step"] == 10:
+            raise Killed  # the session dies right after the save at step 10
+
+    with pytest.raises(Killed):
+        LearnedPrior(cfg).fit(x, y, save=save_then_die)
+    assert saved[-1]["step"] == 10 and not saved[-1]["done"]
+    resumed = LearnedPrior(cfg).fit(x, y, state=saved[-1])
+    for a, b in zip(whole.net.state_dict().values(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["step"] for h in resumed.history] == [10, 20, 30]
+
+
+def test_guidance_zero_is_the_label_free_model_and_one_the_plain_conditional(fitted):
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    ones = torch.ones(16, dtype=torch.long)
+    free = fitted.sample(16, g(), labels=torch.full((16,), N_CLASSES))
+    assert torch.allclose(fitted.sample(16, g(), labels=ones, guidance=0.0), free, atol=1e-5)
+    x, t = torch.randn(4, *SHAPE), torch.rand(4)
+    assert torch.equal(fitted.velocity(x, t, ones[:4], 1.0), fitted.net(x, t, ones[:4]))
+    v_c, v_u = fitted.net(x, t, ones[:4]), fitted.net(x, t, torch.full((4,), N_CLASSES))
+    assert torch.allclose(fitted.velocity(x, t, ones[:4], 3.0), v_u + 3.0 * (v_c - v_u), atol=1e-5)
+
+
+def test_per_class_sampler_fits_one_model_per_class():
+    x, y = two_clusters(100)
+    pc = PerClass(GaussianSampler, "aggregate_posterior").fit(x, y)
+    z = pc.sample(6, torch.Generator().manual_seed(0), labels=torch.tensor([1, 0, 1, 0, 0, 1]))
+    assert z.shape == (6, *SHAPE)
+    assert (z.flatten(1).mean(1).sign() == torch.tensor([1, -1, 1, -1, -1, 1.0])).all()
+    only_normal = PerClass(GaussianSampler, "g").fit(x[:100], y[:100])
+    with pytest.raises(SpatialVAEError, match="PNEUMONIA"):
+        only_normal.sample(2, labels=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("text, n, counts", [("normal", 5, [5, 0]), ("PNEUMONIA", 3, [0, 3]),
+                                             ("normal:0.3,pneumonia:0.7", 10, [3, 7]),
+                                             ("normal:1,pneumonia:1", 5, [3, 2]), ("pneumonia:2,normal:6", 8, [6, 2])])
+def test_label_mix_counts(text, n, counts):
+    labels = parse_label_mix(text, n)
+    assert len(labels) == n and torch.bincount(labels, minlength=2).tolist() == counts
+    assert torch.equal(labels, labels.sort().values)  # NORMAL first
+
+
+@pytest.mark.parametrize("text, match", [("cat", "unknown label 'cat'"), ("normal:x", "not a number"),
+                                         ("normal:0", "add up to 0"), ("normal:-1", "not a number >= 0")])
+def test_label_mix_errors(text, match):
+    with pytest.raises(SpatialVAEError, match=match):
+        parse_label_mix(text, 4)
+    assert parse_label_mix(None, 4) is None
+
+
+def test_prior_config_is_validated():
+    with pytest.raises(ConfigError, match="prior.width=100 is invalid: expected a multiple of prior.heads=3"):
+        get_preset("quick").with_overrides({"prior.width": 100, "prior.heads": 3})
+    with pytest.raises(ConfigError, match="prior.ema"):
+        get_preset("quick").with_overrides({"prior.ema": 1.0})
+    assert get_preset("original").prior.enabled is False and get_preset("quick").prior.enabled is True
+
+
+def test_tstr_helpers_balance_the_classes():
+    labels = torch.tensor([0] * 3 + [1] * 10)
+    pick = balanced_subset(labels, 5, seed=0)
+    assert torch.bincount(labels[pick]).tolist() == [3, 5]
+    assert class_labels(2).tolist() == [0, 0, 1, 1]
+
+
+# ---- the run folder and the command line ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prior_run(tmp_path_factory):
+    """`train --preset smoke` on the tiny Kaggle-shaped tree: both phases, then the prior stage."""
+    import warnings
+
+    from conftest import make_kaggle_tree
+    from spatialvae.cli import main
+
+    tmp = tmp_path_factory.mktemp("prior_run")
+    tree = make_kaggle_tree(tmp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tree's unreadable files
+        code = main(["train", "--preset", "smoke", "--data", str(tree["root"]), "--out", str(tmp / "runs"),
+                     "--set", "data.preprocess_workers=1", "--set", f"data.cache_dir={tmp / 'cache'}", "--quiet"])
+    assert code == 0
+    return tmp / "runs" / "000-smoke", tree
+
+
+def _cli(args, capsys):
+    import warnings
+
+    from spatialvae.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_ends_with_a_finished_prior_that_resume_keeps(prior_run, capsys):
+    from spatialvae.prior import load_prior, prior_path
+
+    run, tree = prior_run
+    blob = torch.load(prior_path(run), weights_only=True)
+    assert blob["done"] and blob["step"] == get_preset("smoke").prior.steps and blob["vae_epoch"] == 3
+    assert load_prior(run, (8, 4, 4)).latent_shape == (8, 4, 4)
+    before = prior_path(run).stat().st_mtime_ns
+    code, _, _ = _cli(["train", "--resume", run, "--data", tree["root"], "--quiet"], capsys)
+    assert code == 0 and prior_path(run).stat().st_mtime_ns == before
+    assert "already trained (20 steps); kept" in (run / "train.log").read_text()
+
+
+def test_sample_learned_per_class_writes_a_grid(prior_run, tmp_path, capsys):
+    run, tree = prior_run
+    out = tmp_path / "learned.png"
+    code, text, _ = _cli(["sample", "--run", run, "--sampler", "learned", "--label", "pneumonia", "--n", 4,
+                          "--out", out], capsys)
+    assert code == 0 and out.is_file() and "learned samples (pneumonia)" in text
+    code, _, _ = _cli(["sample", "--run", run, "--sampler", "gmm", "--label", "normal:1,pneumonia:1", "--n", 4,
+                       "--data", tree["root"], "--out", tmp_path / "gmm.png"], capsys)
+    assert code == 0 and (tmp_path / "gmm.png").is_file()
+
+
+def _copy_run(run, tmp_path):
+    import shutil
+
+    dst = tmp_path / run.name
+    shutil.copytree(run, dst)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["unknown label", "no prior", "other latent shape", "unfinished prior",
+                                  "label with N(0, I)"])
+def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_path, capsys):
+    from spatialvae.files import atomic_torch_save
+    from spatialvae.prior import prior_path
+
+    run = _copy_run(prior_run[0], tmp_path)
+    args = ["sample", "--run", run, "--sampler", "learned", "--n", 4, "--out", tmp_path / "out.png"]
+    expected = {"unknown label": "unknown label 'cat'", "no prior": "has no learned prior",
+                "other latent shape": "trained for latents of shape (4, 2, 2)",
+                "unfinished prior": "stopped at step 10 of 20", "label with N(0, I)": "--label needs a sampler"}[case]
+    if case == "unknown label":
+        args += ["--label", "cat"]
+    elif case == "no prior":
+        prior_path(run).unlink()
+    elif case == "other latent shape":
+        x, y = two_clusters(20)
+        atomic_torch_save({**LearnedPrior(tiny_cfg(steps=5)).fit(x, y).state_dict(), "done": True}, prior_path(run))
+    elif case == "unfinished prior":
+        blob = torch.load(prior_path(run), weights_only=True)
+        atomic_torch_save({**blob, "done": False, "step": 10}, prior_path(run))
+    else:
+        args = ["sample", "--run", run, "--sampler", "prior", "--label", "normal", "--out", tmp_path / "out.png"]
+    code, _, err = _cli(args, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err
+    assert "Traceback" not in err and not (tmp_path / "out.png").exists()
+
+
+def test_prior_command_refuses_to_overwrite_and_retrains_with_force(prior_run, tmp_path, capsys):
+    from spatialvae.prior import load_prior
+
+    run = _copy_run(prior_run[0], tmp_path)
+    data = prior_run[1]["root"]
+    code, _, err = _cli(["prior", "--run", run, "--data", data, "--quiet"], capsys)
+    assert code == 2 and "already holds a trained prior; add --force" in err
+    code, _, err = _cli(["prior", "--run", run, "--set", "train.seed=3"], capsys)
+    assert code == 2 and "only prior.* settings" in err
+    code, out, _ = _cli(["prior", "--run", run, "--data", data, "--force", "--quiet", "--set", "prior.steps=30"],
+                        capsys)
+    assert code == 0 and "30 steps" in out
+    assert load_prior(run).cfg.steps == 30
+    code, _, err = _cli(["prior", "--run", tmp_path / "nowhere"], capsys)
+    assert code == 2 and "not a run folder" in err
+
+
+def test_evaluate_has_learned_and_conditional_rows_and_tstr(prior_run, offline):
+    import warnings
+
+    from spatialvae.evaluate import SAMPLERS, evaluate_run, metrics_table
+
+    run, tree = prior_run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = evaluate_run(run, data_root=tree["root"], device="cpu", batch_size=8, progress=False, inception="off",
+                         tstr_per_class=3)
+    assert list(m["samplers"]) == list(SAMPLERS)
+    assert m["samplers"]["learned"]["conditional"] and not m["samplers"]["gmm"]["conditional"]
+    t = m["tstr"]
+    assert set(t) >= {"real", "aggregate_posterior_per_class", "gmm_per_class", "learned"}
+    assert t["per_class"] == 3
+    assert t["learned"]["n_train"] == 6 and t["learned"]["n"] == m["data"]["n_test"]
+    assert t["learned"]["ratio_to_real"] == pytest.approx(t["learned"]["balanced_accuracy"]
+                                                          / t["real"]["balanced_accuracy"])
+    table = metrics_table(m)
+    assert "| learned |" in table and "TSTR" in table
+    for key in ("learned_normal", "learned_pneumonia", "gmm_per_class_normal", "aggregate_posterior_per_class_pneumonia"):
+        assert (run / m["images"][key]).is_file()
+    assert "learned_label_free_normal" not in m["images"]
