@@ -483,10 +483,17 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     device = torch.device(device) if device is not None else default_device()
     ckpt_path = _checkpoint_path(run_dir, checkpoint)
     model, cfg, ckpt = load_model(ckpt_path, device)  # weights_only: nothing in the file is executed
-    has_prior = prior_path(run_dir).is_file()
-    if samplers is None:
-        samplers = [n for n in SAMPLERS if has_prior or n not in LEARNED]
-    prior = load_prior(run_dir, model.latent_shape) if set(LEARNED) & set(samplers) else None
+    prior, prior_note = None, None
+    if samplers is None:  # every sampler; the learned ones only if the run has a finished prior
+        samplers = list(SAMPLERS)
+        try:
+            prior = load_prior(run_dir, model.latent_shape) if prior_path(run_dir).is_file() else None
+        except SpatialVAEError as e:
+            prior_note = str(e)
+        if prior is None:
+            samplers = [n for n in samplers if n not in LEARNED]
+    elif set(LEARNED) & set(samplers):
+        prior = load_prior(run_dir, model.latent_shape)  # asked for explicitly: a missing prior is an error
     # Before the data and the model work: an explicit weights file that cannot be used fails fast.
     domain_net = domain_info = None
     if features_path is not None:
@@ -634,6 +641,8 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     }
     if inception_reason is not None:
         metrics["inception_unavailable"] = inception_reason
+    if prior_note is not None:
+        metrics["learned_prior_unavailable"] = prior_note
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
     metrics = _json_safe(metrics)
     atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
@@ -710,6 +719,8 @@ def metrics_table(metrics: dict) -> str:
             lines.append(f"| reconstructed test images (carry the test shift) | | | "
                          f"{f(d['test_reconstructions_fd_vs_train'], '{:.3f}')} | |")
     lines += _tstr_lines(metrics.get("tstr"), f)
+    if metrics.get("learned_prior_unavailable"):
+        lines += ["", f"learned prior not evaluated: {metrics['learned_prior_unavailable']}"]
     if metrics.get("inception_unavailable"):
         lines += ["", f"FID/KID not computed: {metrics['inception_unavailable']}"]
     return "\n".join(lines)

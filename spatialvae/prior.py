@@ -386,11 +386,12 @@ def fit_run_prior(run_dir, cfg=None, splits=None, device=None, progress: bool = 
     from .config import Config
     from .data import make_datasets
     from .files import atomic_torch_save
-    from .training import load_model
+    from .training import default_device, load_model
 
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoints" / "best.pt"
-    model, run_cfg, ckpt = load_model(ckpt_path, device or "cpu")
+    device = device or default_device()  # the VAE encodes there; the prior itself trains on the CPU
+    model, run_cfg, ckpt = load_model(ckpt_path, device)
     if len(model.latent_shape) != 3:
         raise SpatialVAEError(f"the learned prior needs a spatial latent (C, H, W); run {run_dir} has a flat latent "
                               f"{tuple(model.latent_shape)} (architecture {run_cfg.model.architecture})")

@@ -48,8 +48,11 @@ def train_and_test(train: LabelledImages, val: LabelledImages, test: LabelledIma
                    device=None) -> dict:
     """One classifier: trained on ``train`` (best epoch on ``val``), reported on ``test``."""
     t0 = time.perf_counter()
-    net, info = train_feature_net(train, val, test, cfg, device=device, progress=False, log=lambda s: None)
-    return {**info["test"], "n_train": len(train.labels), "seconds": round(time.perf_counter() - t0, 1)}
+    with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: the same every time
+        torch.manual_seed(cfg.seed)
+        net, info = train_feature_net(train, val, test, cfg, device=device, progress=False, log=lambda s: None)
+    return {**info["test"], "n_train": len(train.labels), "final_train_loss": info["history"][-1]["train_loss"],
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def run_tstr(real_train: LabelledImages, real_val: LabelledImages, test: LabelledImages,

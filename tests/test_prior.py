@@ -287,3 +287,39 @@ def test_evaluate_has_learned_and_conditional_rows_and_tstr(prior_run, offline):
     for key in ("learned_normal", "learned_pneumonia", "gmm_per_class_normal", "aggregate_posterior_per_class_pneumonia"):
         assert (run / m["images"][key]).is_file()
     assert "learned_label_free_normal" not in m["images"]
+
+
+def test_evaluate_skips_an_unfinished_prior_with_a_note(prior_run, tmp_path, offline):
+    import warnings
+
+    from spatialvae.evaluate import evaluate_run
+    from spatialvae.files import atomic_torch_save
+    from spatialvae.prior import prior_path
+
+    run = _copy_run(prior_run[0], tmp_path)
+    blob = torch.load(prior_path(run), weights_only=True)
+    atomic_torch_save({**blob, "done": False, "step": 10}, prior_path(run))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = evaluate_run(run, data_root=prior_run[1]["root"], device="cpu", batch_size=8, progress=False,
+                         inception="off", tstr_per_class=0)
+        assert "learned" not in m["samplers"] and m["tstr"] is None
+        assert "stopped at step 10 of 20" in m["learned_prior_unavailable"]
+        with pytest.raises(SpatialVAEError, match="stopped at step 10"):
+            evaluate_run(run, data_root=prior_run[1]["root"], device="cpu", progress=False, inception="off",
+                         samplers=("learned",))
+
+
+def test_tstr_classifier_is_the_same_whatever_ran_before():
+    from spatialvae.features import FeatureNetConfig
+    from spatialvae.tstr import LabelledImages, train_and_test
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(2).repeat_interleave(12)
+    images = (torch.rand(24, 1, 16, 16, generator=g) + labels.view(-1, 1, 1, 1)) / 2
+    data = LabelledImages(images, labels)
+    cfg = FeatureNetConfig(image_size=16, widths=(4, 8), epochs=2, batch_size=8)
+    first = train_and_test(data, data, data, cfg)
+    torch.rand(1000)  # somebody else used the global RNG in between
+    again = train_and_test(data, data, data, cfg)
+    assert {k: v for k, v in first.items() if k != "seconds"} == {k: v for k, v in again.items() if k != "seconds"}
