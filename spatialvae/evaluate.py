@@ -434,7 +434,7 @@ def decoder_floor(model: nn.Module, train_mu: torch.Tensor, ref_b: torch.Tensor,
 
 
 def tstr_block(model: nn.Module, samplers: dict, splits, test_u8: torch.Tensor, per_class: int, seed: int,
-               batch_size: int, progress: bool) -> dict:
+               batch_size: int, progress: bool, repeats: int = 3) -> dict:
     """Train-on-synthetic, test-on-real for the class-conditional samplers (see `spatialvae.tstr`)."""
     from .tstr import LabelledImages, run_tstr
 
@@ -446,7 +446,8 @@ def tstr_block(model: nn.Module, samplers: dict, splits, test_u8: torch.Tensor, 
     real_val = LabelledImages(splits.val.images, splits.val.labels)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     return run_tstr(LabelledImages(splits.train.images, splits.train.labels), real_val,
-                    LabelledImages(test_u8, splits.test.labels), gens, per_class=per_class, seed=seed, log=log)
+                    LabelledImages(test_u8, splits.test.labels), gens, per_class=per_class, seed=seed, log=log,
+                    repeats=repeats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +458,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
                  n_samples: Optional[int] = None, features_path: str | os.PathLike | None = None,
                  device: torch.device | str | None = None, batch_size: int = 64, progress: bool = True,
                  inception: str = "auto", samplers: Optional[Sequence[str]] = None, seed: int = 0,
-                 tstr_per_class: int = 500) -> dict:
+                 tstr_per_class: int = 300, tstr_repeats: int = 3) -> dict:
     """Evaluate a run folder; writes ``run_dir/metrics.json`` (atomically) and returns its dict.
 
     checkpoint: "best", "last" or a path to a .pt file. data_root: overrides the dataset folder
@@ -605,7 +606,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
         results[name] = res
     tstr = None
     if tstr_per_class > 0 and any(n in fitted for n in TSTR_SOURCES):
-        tstr = tstr_block(model, fitted, splits, test_u8, tstr_per_class, seed, batch_size, progress)
+        tstr = tstr_block(model, fitted, splits, test_u8, tstr_per_class, seed, batch_size, progress, tstr_repeats)
 
     metrics = {
         "run_dir": str(run_dir),
@@ -652,12 +653,14 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
 def _tstr_lines(tstr: Optional[dict], f) -> list[str]:
     if not tstr:
         return []
-    lines = ["", f"| TSTR: classifier trained on {tstr['per_class']} images per class, tested on real test | "
-                 "accuracy | balanced accuracy | x real |", "|---|---:|---:|---:|"]
+    lines = ["", f"| TSTR: trained on {tstr['per_class']} images per class, tested on real test "
+                 f"(mean of {tstr.get('repeats', 1)} classifier seeds) | accuracy | balanced accuracy (std) | x real |",
+             "|---|---:|---:|---:|"]
     for name, r in tstr.items():
         if isinstance(r, dict) and "balanced_accuracy" in r:
             ratio = "1.00 (reference)" if name == "real" else f(r.get("ratio_to_real"), "{:.2f}")
-            lines.append(f"| {name} | {f(r['accuracy'], '{:.3f}')} | {f(r['balanced_accuracy'], '{:.3f}')} | {ratio} |")
+            lines.append(f"| {name} | {f(r['accuracy'], '{:.3f}')} | {f(r['balanced_accuracy'], '{:.3f}')} "
+                         f"({f(r.get('balanced_accuracy_std'), '{:.3f}')}) | {ratio} |")
     return lines
 
 

@@ -323,3 +323,17 @@ def test_tstr_classifier_is_the_same_whatever_ran_before():
     torch.rand(1000)  # somebody else used the global RNG in between
     again = train_and_test(data, data, data, cfg)
     assert {k: v for k, v in first.items() if k != "seconds"} == {k: v for k, v in again.items() if k != "seconds"}
+
+
+def test_tstr_repeats_average_classifiers_with_different_seeds():
+    from spatialvae.features import FeatureNetConfig
+    from spatialvae.tstr import LabelledImages, repeated
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(2).repeat_interleave(12)
+    data = LabelledImages((torch.rand(24, 1, 16, 16, generator=g) + labels.view(-1, 1, 1, 1)) / 2, labels)
+    r = repeated(data, data, data, FeatureNetConfig(image_size=16, widths=(4, 8), epochs=2, batch_size=8), repeats=3)
+    bal = [x["balanced_accuracy"] for x in r["runs"]]
+    assert r["repeats"] == 3 and r["balanced_accuracy"] == pytest.approx(sum(bal) / 3)
+    assert r["balanced_accuracy_std"] == pytest.approx(float(torch.tensor(bal, dtype=torch.float64).std()))
+    assert len({x["final_train_loss"] for x in r["runs"]}) == 3  # three different classifier seeds
