@@ -132,7 +132,7 @@ class PriorConfig:
     ema: float = 0.999  # EMA of the weights: what samples
     label_dropout: float = 0.1  # share of steps without the label: the unconditional model for guidance
     # Classifier-free guidance (1 = plain conditional). Quick run, domain FD vs train / MS-SSIM (real
-    # test 0.439): 1.25: 3.29 / 0.411, 1.5: 1.51 / 0.403, 1.75: 0.59 / 0.395, 2: 0.31 / 0.387, 2.5: 1.01 / 0.372.
+    # test 0.439): 1: 6.13 / 0.419, 1.5: 1.51 / 0.403, 1.75: 0.60 / 0.395, 2: 0.31 / 0.387, 3: 2.69 / 0.356.
     guidance: float = 1.75  # fidelity vs diversity: 1.75 keeps MS-SSIM within 0.05 of real images; 2 is the FD optimum
     sample_steps: int = 16  # Heun steps (two velocity calls each): FD 0.312 at 16, 0.306 at 32, 0.316 at 64
     log_every: int = 200  # steps between log lines, validation losses and resumable saves

@@ -42,6 +42,7 @@ from .data import as_float_images
 from .errors import SpatialVAEError, WeightsError, short_reason
 from .metrics import (PSNR_CAP_DB, duplicate_count, l1, nearest_is_self, pca_reconstruct, psnr,  # noqa: F401
                       ssim_score)
+from .prior import load_prior, prior_path
 from .sampling import (CLASS_NAMES, GaussianSampler, GMMSampler, PerClass, PriorSampler, decode_latents,
                        encode_dataset, eval_mode, generate, interpolate, save_grid, seeded_subset)
 
@@ -473,8 +474,6 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     from .data import make_datasets
     from .files import atomic_write_bytes
     from .training import default_device, load_model, perceptual_mode
-
-    from .prior import load_prior, prior_path
 
     t_start = time.perf_counter()
     unknown = sorted(set(samplers or ()) - set(SAMPLERS))

@@ -20,19 +20,23 @@ sampling with ``guidance`` w mixes them as classifier-free guidance: v_u + w (v_
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 import math
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PriorConfig
+from .config import Config, PriorConfig
+from .data import make_datasets
 from .errors import CheckpointError, SpatialVAEError, short_reason
+from .files import atomic_torch_save
+from .sampling import encode_dataset
+from .training import default_device, load_model
 
 PRIOR_VERSION = 1
 N_CLASSES = 2  # NORMAL, PNEUMONIA; index 2 is "no label"
@@ -289,7 +293,7 @@ class _PriorTrainer:
         return float(self.loss(self.prior.net, latents.float(), y, torch.Generator().manual_seed(0)))
 
     def run(self, val_latents, val_labels, progress: bool, log, save) -> None:
-        from tqdm.std import tqdm
+        from tqdm.std import tqdm  # the plain-text bar, as in training.py
 
         c = self.c
         t0 = time.perf_counter() - self.prior.train_seconds
@@ -365,8 +369,6 @@ def load_prior(run_dir, latent_shape: Optional[tuple] = None) -> LearnedPrior:
 
 def run_latents(model: nn.Module, splits, device=None, progress: bool = False) -> dict:
     """Posterior means and labels of a run's train (unflipped) and validation splits."""
-    from .sampling import encode_dataset
-
     splits.train.hflip = False  # the originals, as the test split is seen
     splits.train.set_epoch(0)
     out = {"train": encode_dataset(model, splits.train, 64, device, progress), "train_labels": splits.train.labels}
@@ -383,11 +385,6 @@ def fit_run_prior(run_dir, cfg=None, splits=None, device=None, progress: bool = 
     ``checkpoints/prior.pt`` is kept (``if_done="keep"``) or refused (``"error"``) unless ``force``;
     an unfinished one is resumed when its settings match. Saves every ``prior.log_every`` steps.
     """
-    from .config import Config
-    from .data import make_datasets
-    from .files import atomic_torch_save
-    from .training import default_device, load_model
-
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoints" / "best.pt"
     device = device or default_device()  # the VAE encodes there; the prior itself trains on the CPU
