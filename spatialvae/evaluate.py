@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -451,6 +452,92 @@ def tstr_block(model: nn.Module, samplers: dict, splits, test_u8: torch.Tensor, 
                     repeats=repeats)
 
 
+def _select_samplers(run_dir: Path, model: nn.Module, samplers: Optional[Sequence[str]]):
+    """-> (sampler names, the learned prior or None, why it was skipped or None). By default every
+    sampler, the learned ones only if the run has a finished prior; asked for explicitly, a missing
+    or unfinished prior is an error."""
+    if samplers is not None:
+        prior = load_prior(run_dir, model.latent_shape) if set(LEARNED) & set(samplers) else None
+        return list(samplers), prior, None
+    prior, note = None, None
+    try:
+        prior = load_prior(run_dir, model.latent_shape) if prior_path(run_dir).is_file() else None
+    except SpatialVAEError as e:
+        note = str(e)
+    return [n for n in SAMPLERS if prior is not None or n not in LEARNED], prior, note
+
+
+@dataclass
+class _DomainRefs:
+    """The X-ray feature extractor and the real images' features every sampler is compared with."""
+    net: nn.Module
+    size: int
+    test_feats: torch.Tensor  # (n_test, D)
+    ref_a: torch.Tensor  # indices of the training half used as the reference
+    ref_b: torch.Tensor  # the other half (the real and the decoder's floors)
+    ref_a_feats: torch.Tensor  # (len(ref_a), D)
+
+
+def _domain_references(domain_net, domain_info: dict, features_path, train_u8: torch.Tensor, test_u8: torch.Tensor,
+                       train_subset: torch.Tensor, n_gen: int, seed: int, device) -> tuple[_DomainRefs, dict]:
+    """Features of the real references and the `domain` block of metrics.json (the real floors).
+
+    The extractor is a classifier, so its features (and the FD) react strongly to the class mix.
+    Two references: train vs test (what a perfect copy of the training distribution scores against
+    the test split), and two disjoint halves of train (the floor for FD against train itself)."""
+    from .features import domain_fd_kid, extract_features, feature_dim_ok
+
+    size = domain_info["config"].image_size
+    dom_test = extract_features(domain_net, test_u8, size, device=device)
+    dom_train = extract_features(domain_net, train_u8[train_subset], size, device=device)
+    half = len(train_u8) // 2
+    perm = torch.randperm(len(train_u8), generator=torch.Generator().manual_seed(seed + 1))
+    ref_a, ref_b = perm[:min(half, n_gen)], perm[half:half + min(half, n_gen)]
+    dom_ref_a = extract_features(domain_net, train_u8[ref_a], size, device=device)
+    dom_ref_b = extract_features(domain_net, train_u8[ref_b], size, device=device)
+    domain = {"features": str(features_path), "feature_dim": domain_net.num_features,
+              "extractor_image_size": size, "extractor_test_accuracy": domain_info["test"]["accuracy"],
+              "n_test": len(test_u8), "n_generated": n_gen, "n_train_reference": len(ref_a),
+              "floor_train_vs_test": {"n_train": len(train_subset), **domain_fd_kid(dom_test, dom_train, seed)},
+              "floor_train_vs_train": {"n": len(ref_a), **domain_fd_kid(dom_ref_a, dom_ref_b, seed)},
+              "note_class_mix": "the extractor is a NORMAL/PNEUMONIA classifier: FD against test also measures "
+                                "the class mix (test is 62.5% PNEUMONIA); domain_fd_vs_train compares with "
+                                "the distribution the VAE was trained on"}
+    if (note := feature_dim_ok(min(len(test_u8), n_gen), domain_net.num_features)):
+        domain["note"] = note
+    return _DomainRefs(domain_net, size, dom_test, ref_a, ref_b, dom_ref_a), domain
+
+
+@dataclass
+class _SampleScorer:
+    """Scores one sampler's images: FID/KID (Inception), domain FD/KID, diversity, memorisation."""
+    train_u8: torch.Tensor
+    seed: int
+    batch_size: int
+    device: torch.device
+    progress: bool
+    inception: Optional[nn.Module]
+    inception_test: Optional[torch.Tensor]
+    domain: Optional[_DomainRefs]
+
+    def score(self, name: str, images: torch.Tensor) -> dict:
+        from .features import domain_fd_kid, extract_features
+
+        res: dict = {"fid": None, "kid_mean": None, "kid_std": None}
+        if self.inception is not None:
+            feats = inception_features(self.inception, images, self.batch_size, self.device, self.progress,
+                                       f"inception {name}")
+            res.update(fid_kid(self.inception_test, feats, self.seed))
+        if self.domain is not None:
+            d = self.domain
+            fake = extract_features(d.net, images, d.size, device=self.device)
+            dom = domain_fd_kid(d.test_feats, fake, self.seed)
+            dom_tr = domain_fd_kid(d.ref_a_feats, fake[:len(d.ref_a)], self.seed)
+            res.update({"domain_fd": dom["fd"], "domain_kid_mean": dom["kid_mean"], "domain_kid_std": dom["kid_std"],
+                        "domain_fd_vs_train": dom_tr["fd"], "domain_kid_vs_train": dom_tr["kid_mean"]})
+        return {**res, **_sample_metrics(images, self.train_u8, self.seed)}
+
+
 # ---------------------------------------------------------------------------------------------
 # The evaluation
 # ---------------------------------------------------------------------------------------------
@@ -483,17 +570,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     device = torch.device(device) if device is not None else default_device()
     ckpt_path = _checkpoint_path(run_dir, checkpoint)
     model, cfg, ckpt = load_model(ckpt_path, device)  # weights_only: nothing in the file is executed
-    prior, prior_note = None, None
-    if samplers is None:  # every sampler; the learned ones only if the run has a finished prior
-        samplers = list(SAMPLERS)
-        try:
-            prior = load_prior(run_dir, model.latent_shape) if prior_path(run_dir).is_file() else None
-        except SpatialVAEError as e:
-            prior_note = str(e)
-        if prior is None:
-            samplers = [n for n in samplers if n not in LEARNED]
-    elif set(LEARNED) & set(samplers):
-        prior = load_prior(run_dir, model.latent_shape)  # asked for explicitly: a missing prior is an error
+    samplers, prior, prior_note = _select_samplers(run_dir, model, samplers)
     # Before the data and the model work: an explicit weights file that cannot be used fails fast.
     domain_net = domain_info = None
     if features_path is not None:
@@ -541,30 +618,10 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     else:
         reference["train_vs_test"] = {"n_train": len(train_subset), "fid": None, "kid_mean": None, "kid_std": None}
 
-    domain = None
+    refs, domain = None, None
     if domain_net is not None:
-        from .features import domain_fd_kid, extract_features, feature_dim_ok
-        size = domain_info["config"].image_size
-        dom_test = extract_features(domain_net, test_u8, size, device=device)
-        dom_train = extract_features(domain_net, train_u8[train_subset], size, device=device)
-        # The extractor is a classifier, so its features (and the FD) react strongly to the class mix.
-        # Two references: train vs test (what a perfect copy of the training distribution scores against
-        # the test split), and two disjoint halves of train (the floor for FD against train itself).
-        half = len(train_u8) // 2
-        perm = torch.randperm(len(train_u8), generator=torch.Generator().manual_seed(seed + 1))
-        ref_a, ref_b = perm[:min(half, n_gen)], perm[half:half + min(half, n_gen)]
-        dom_ref_a = extract_features(domain_net, train_u8[ref_a], size, device=device)
-        dom_ref_b = extract_features(domain_net, train_u8[ref_b], size, device=device)
-        domain = {"features": str(features_path), "feature_dim": domain_net.num_features,
-                  "extractor_image_size": size, "extractor_test_accuracy": domain_info["test"]["accuracy"],
-                  "n_test": len(test_u8), "n_generated": n_gen, "n_train_reference": len(ref_a),
-                  "floor_train_vs_test": {"n_train": len(train_subset), **domain_fd_kid(dom_test, dom_train, seed)},
-                  "floor_train_vs_train": {"n": len(ref_a), **domain_fd_kid(dom_ref_a, dom_ref_b, seed)},
-                  "note_class_mix": "the extractor is a NORMAL/PNEUMONIA classifier: FD against test also measures "
-                                    "the class mix (test is 62.5% PNEUMONIA); domain_fd_vs_train compares with "
-                                    "the distribution the VAE was trained on"}
-        if (note := feature_dim_ok(min(len(test_u8), n_gen), domain_net.num_features)):
-            domain["note"] = note
+        refs, domain = _domain_references(domain_net, domain_info, features_path, train_u8, test_u8, train_subset,
+                                          n_gen, seed, device)
 
     # ---- samplers -----------------------------------------------------------------------------
     splits.train.hflip = False  # the originals, as the test split is seen
@@ -572,8 +629,9 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     train_mu = encode_dataset(model, splits.train, batch_size, device, progress)  # (N, *latent_shape)
     train_labels = splits.train.labels
     if domain is not None:
-        domain["decoder_floor"] = decoder_floor(model, train_mu, ref_b, recons, domain_net, size, dom_ref_a, seed,
-                                                device)
+        domain["decoder_floor"] = decoder_floor(model, train_mu, refs.ref_b, recons, refs.net, refs.size, refs.ref_a_feats,
+                                                seed, device)
+    scorer = _SampleScorer(train_u8, seed, batch_size, device, progress, net, feats_test, refs)
     results, fitted = {}, {}
     for name in samplers:
         t0 = time.perf_counter()
@@ -583,26 +641,13 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
         t0 = time.perf_counter()
         images = generate(model, sampler, n_gen, torch.Generator().manual_seed(seed), batch_size,
                           labels=labels)  # (n, 1, S, S)
-        sample_seconds = time.perf_counter() - t0
+        results[name] = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2),
+                         "sample_seconds": round(time.perf_counter() - t0, 2), "conditional": labels is not None,
+                         **scorer.score(name, images)}
         save_grid(images[:64], out_dir / f"eval_{name}.png")
         pictures[name] = f"samples/eval_{name}.png"
         if labels is not None and name != "learned_label_free":
             pictures.update(_class_grids(model, sampler, name, out_dir, seed, batch_size))
-        res = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2),
-               "sample_seconds": round(sample_seconds, 2), "conditional": labels is not None}
-        if net is not None:
-            feats = inception_features(net, images, batch_size, device, progress, f"inception {name}")
-            res.update(fid_kid(feats_test, feats, seed))
-        else:
-            res.update({"fid": None, "kid_mean": None, "kid_std": None})
-        if domain is not None:
-            dom_fake = extract_features(domain_net, images, size, device=device)
-            dom = domain_fd_kid(dom_test, dom_fake, seed)
-            dom_tr = domain_fd_kid(dom_ref_a, dom_fake[:len(ref_a)], seed)
-            res.update({"domain_fd": dom["fd"], "domain_kid_mean": dom["kid_mean"], "domain_kid_std": dom["kid_std"],
-                        "domain_fd_vs_train": dom_tr["fd"], "domain_kid_vs_train": dom_tr["kid_mean"]})
-        res.update(_sample_metrics(images, train_u8, seed))
-        results[name] = res
     tstr = None
     if tstr_per_class > 0 and any(n in fitted for n in TSTR_SOURCES):
         tstr = tstr_block(model, fitted, splits, test_u8, tstr_per_class, seed, batch_size, progress, tstr_repeats)
