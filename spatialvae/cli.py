@@ -219,6 +219,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if labels is not None and args.sampler == "prior":
         from .errors import ConfigError
         raise ConfigError("--label needs a sampler that knows the classes: learned, gmm or gaussian")
+    if args.guidance is not None and args.sampler != "learned":
+        from .errors import ConfigError
+        raise ConfigError(f"--guidance applies to --sampler learned only, not {args.sampler}; drop it or use learned")
     path = Path(args.run) / "checkpoints" / f"{args.checkpoint}.pt"
     model, cfg, ckpt = load_model(path)
     gen = torch.Generator().manual_seed(args.seed)

@@ -220,7 +220,7 @@ def _copy_run(run, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown label", "no prior", "other latent shape", "unfinished prior",
-                                  "label with N(0, I)"])
+                                  "label with N(0, I)", "guidance without the learned prior"])
 def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_path, capsys):
     from spatialvae.files import atomic_torch_save
     from spatialvae.prior import prior_path
@@ -229,7 +229,8 @@ def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_pa
     args = ["sample", "--run", run, "--sampler", "learned", "--n", 4, "--out", tmp_path / "out.png"]
     expected = {"unknown label": "unknown label 'cat'", "no prior": "has no learned prior",
                 "other latent shape": "trained for latents of shape (4, 2, 2)",
-                "unfinished prior": "stopped at step 10 of 20", "label with N(0, I)": "--label needs a sampler"}[case]
+                "unfinished prior": "stopped at step 10 of 20", "label with N(0, I)": "--label needs a sampler",
+                "guidance without the learned prior": "--guidance applies to --sampler learned only"}[case]
     if case == "unknown label":
         args += ["--label", "cat"]
     elif case == "no prior":
@@ -240,8 +241,10 @@ def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_pa
     elif case == "unfinished prior":
         blob = torch.load(prior_path(run), weights_only=True)
         atomic_torch_save({**blob, "done": False, "step": 10}, prior_path(run))
-    else:
+    elif case == "label with N(0, I)":
         args = ["sample", "--run", run, "--sampler", "prior", "--label", "normal", "--out", tmp_path / "out.png"]
+    else:
+        args = ["sample", "--run", run, "--sampler", "gmm", "--guidance", "2", "--out", tmp_path / "out.png"]
     code, _, err = _cli(args, capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err
     assert "Traceback" not in err and not (tmp_path / "out.png").exists()
