@@ -228,6 +228,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.sampler == "prior":
         images = model.sample(args.n, generator=gen)
     else:
+        args.epoch = ckpt.get("epoch", 0)
         sampler = _fitted_sampler(args, model, cfg, labels is not None)
         if args.sampler == "learned":
             from .sampling import decode_latents
@@ -246,7 +247,11 @@ def _fitted_sampler(args: argparse.Namespace, model, cfg, per_class: bool):
     posterior means (one per class with --label)."""
     if args.sampler == "learned":
         from .prior import load_prior
-        return load_prior(args.run, model.latent_shape)
+        prior = load_prior(args.run, model.latent_shape)
+        if prior.vae_epoch is not None and prior.vae_epoch != int(args.epoch):
+            print(f"warning: the learned prior was fitted to the latents of the epoch-{prior.vae_epoch} checkpoint "
+                  f"(best.pt), not this epoch-{args.epoch} one; its samples may be off", file=sys.stderr)
+        return prior
     from .data import make_datasets
     from .prior import run_latents
     from .sampling import GaussianSampler, GMMSampler, PerClass

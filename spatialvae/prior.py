@@ -127,6 +127,7 @@ class LearnedPrior:
         self.history: list[dict] = []
         self.train_seconds = 0.0
         self.class_counts = [0, 0]
+        self.vae_epoch: Optional[int] = None
 
     # ---- training ----------------------------------------------------------------------------
     def fit(self, latents: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -214,6 +215,7 @@ class LearnedPrior:
         prior.history = list(blob.get("history", []))
         prior.train_seconds = float(blob.get("train_seconds", 0.0))
         prior.class_counts = list(blob.get("class_counts", [0, 0]))
+        prior.vae_epoch = blob.get("vae_epoch")  # the VAE checkpoint whose latents it learned
         prior.net.eval()
         return prior
 

@@ -206,6 +206,15 @@ def test_sample_learned_per_class_writes_a_grid(prior_run, tmp_path, capsys):
     code, text, _ = _cli(["sample", "--run", run, "--sampler", "learned", "--label", "pneumonia", "--n", 4,
                           "--out", out], capsys)
     assert code == 0 and out.is_file() and "learned samples (pneumonia)" in text
+    code, _, err = _cli(["sample", "--run", run, "--sampler", "learned", "--checkpoint", "last", "--n", 2,
+                         "--out", tmp_path / "last.png"], capsys)
+    assert code == 0 and err == ""  # last.pt is best.pt's epoch here (3), so no warning
+    other = _copy_run(run, tmp_path)  # a last.pt from another epoch than the prior's best.pt
+    blob = torch.load(other / "checkpoints" / "last.pt", weights_only=True)
+    torch.save({**blob, "epoch": 2}, other / "checkpoints" / "last.pt")
+    code, _, err = _cli(["sample", "--run", other, "--sampler", "learned", "--checkpoint", "last", "--n", 2,
+                         "--out", tmp_path / "last2.png"], capsys)
+    assert code == 0 and "warning: the learned prior was fitted to the latents of the epoch-3" in err
     code, _, _ = _cli(["sample", "--run", run, "--sampler", "gmm", "--label", "normal:1,pneumonia:1", "--n", 4,
                        "--data", tree["root"], "--out", tmp_path / "gmm.png"], capsys)
     assert code == 0 and (tmp_path / "gmm.png").is_file()
