@@ -457,6 +457,9 @@ def _select_samplers(run_dir: Path, model: nn.Module, samplers: Optional[Sequenc
     sampler, the learned ones only if the run has a finished prior; asked for explicitly, a missing
     or unfinished prior is an error."""
     if samplers is not None:
+        unknown = sorted(set(samplers) - set(SAMPLERS))
+        if unknown:
+            raise SpatialVAEError(f"unknown sampler(s) {unknown}: choose from {', '.join(SAMPLERS)}")
         prior = load_prior(run_dir, model.latent_shape) if set(LEARNED) & set(samplers) else None
         return list(samplers), prior, None
     prior, note = None, None
@@ -538,6 +541,130 @@ class _SampleScorer:
         return {**res, **_sample_metrics(images, self.train_u8, self.seed)}
 
 
+def _load_feature_file(features_path) -> tuple:
+    """The X-ray feature extractor (domain FD) from a `features` file, or (None, None)."""
+    if features_path is None:
+        return None, None
+    from .features import load_feature_net  # features imports this module: a cycle at load time
+    return load_feature_net(features_path)
+
+
+def _evaluation_data(cfg, data_root, n_samples: Optional[int], progress: bool):
+    """The run's splits (``data_root`` overrides its folder) and the number of images per sampler."""
+    from .data import make_datasets
+
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=progress)
+    n_gen = int(n_samples) if n_samples is not None else len(splits.test.images)
+    if n_gen < 2:
+        raise SpatialVAEError(f"n_samples={n_gen}: need at least 2 generated images for the metrics")
+    return splits, n_gen
+
+
+def _train_latents(model: nn.Module, splits, batch_size: int, device, progress: bool):
+    """Posterior means (N, *latent_shape) and labels of the unflipped training images."""
+    splits.train.hflip = False  # the originals, as the test split is seen
+    splits.train.set_epoch(0)
+    return encode_dataset(model, splits.train, batch_size, device, progress), splits.train.labels
+
+
+def _write_metrics(run_dir: Path, metrics: dict) -> dict:
+    """NaN/inf -> null, then run_dir/metrics.json atomically; returns what was written."""
+    from .files import atomic_write_bytes
+
+    metrics = _json_safe(metrics)
+    atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
+    return metrics
+
+
+def _reconstruction_block(model: nn.Module, test_u8: torch.Tensor, test_labels: torch.Tensor, batch_size: int,
+                          seed: int, out_dir: Path, pictures: dict) -> tuple[dict, torch.Tensor]:
+    """Test reconstructions: metrics with identity, the reconstruction and interpolation grids."""
+    recon, recons = reconstruction_metrics(model, test_u8, test_labels, batch_size)
+    pick = _class_balanced_indices(test_labels, 16, seed)
+    save_grid(_reconstruction_sheet(as_float_images(test_u8[pick]), recons[pick]), out_dir / "eval_reconstructions.png")
+    pictures["reconstructions"] = "samples/eval_reconstructions.png"
+    save_grid(_interpolation_sheet(model, test_u8, test_labels, steps=8, n_pairs=4, seed=seed),
+              out_dir / "eval_interpolation.png", nrow=10)
+    pictures["interpolation"] = "samples/eval_interpolation.png"
+    recon["identity"] = float(nearest_is_self(recons, as_float_images(test_u8)).float().mean())
+    recon["test_images_with_a_duplicate"] = duplicate_count(as_float_images(test_u8))
+    return recon, recons
+
+
+def _real_references(splits, train_subset: torch.Tensor, net: Optional[nn.Module], seed: int, batch_size: int,
+                     device, progress: bool) -> tuple[dict, Optional[torch.Tensor]]:
+    """What real images score (diversity, distance to train, train-vs-test FID) -> (reference, test Inception features)."""
+    train_u8, test_u8 = splits.train.images, splits.test.images
+    reference = {
+        "test_ms_ssim_diversity": pairwise_ms_ssim(as_float_images(test_u8), seed=seed),
+        "test_nn_train_rmse": summarize(nearest_neighbour(test_u8, train_u8)[0]),
+        "val_nn_train_rmse": summarize(nearest_neighbour(splits.val.images, train_u8)[0]) if len(splits.val) else None,
+    }
+    if net is None:
+        reference["train_vs_test"] = {"n_train": len(train_subset), "fid": None, "kid_mean": None, "kid_std": None}
+        return reference, None
+    feats_test = inception_features(net, test_u8, batch_size, device, progress, "inception test")
+    feats_train = inception_features(net, train_u8[train_subset], batch_size, device, progress, "inception train")
+    reference["train_vs_test"] = {"n_train": len(train_subset), **fid_kid(feats_test, feats_train, seed)}
+    return reference, feats_test
+
+
+def _sampler_row(name: str, model: nn.Module, prior, train_mu: torch.Tensor, train_labels: torch.Tensor, n_gen: int,
+                 scorer: "_SampleScorer", out_dir: Path, pictures: dict) -> tuple[object, dict]:
+    """Fit one sampler, draw n_gen images, score them and save its grids -> (sampler, its row)."""
+    seed, batch_size = scorer.seed, scorer.batch_size
+    t0 = time.perf_counter()
+    sampler = _fit_sampler(name, model, seed, prior, train_mu, train_labels)
+    fit_seconds = time.perf_counter() - t0 if name not in LEARNED else prior.train_seconds
+    labels = sampler_labels(name, train_labels, n_gen, seed)
+    t0 = time.perf_counter()
+    images = generate(model, sampler, n_gen, torch.Generator().manual_seed(seed), batch_size,
+                      labels=labels)  # (n, 1, S, S)
+    row = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2),
+           "sample_seconds": round(time.perf_counter() - t0, 2), "conditional": labels is not None,
+           **scorer.score(name, images)}
+    save_grid(images[:64], out_dir / f"eval_{name}.png")
+    pictures[name] = f"samples/eval_{name}.png"
+    if labels is not None and name != "learned_label_free":
+        pictures.update(_class_grids(model, sampler, name, out_dir, seed, batch_size))
+    return sampler, row
+
+
+def _run_header(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, model: nn.Module, device, splits, n_gen: int,
+                n_samples: Optional[int]) -> dict:
+    """What was evaluated: run, checkpoint, config, device, data and the number of samples."""
+    from .training import perceptual_mode
+
+    return {
+        "run_dir": str(run_dir),
+        "checkpoint": {"path": str(ckpt_path), "epoch": int(ckpt.get("epoch", 0))},
+        "preset": cfg.preset,
+        "architecture": cfg.model.architecture,
+        "image_size": cfg.data.image_size,
+        "latent_shape": list(model.latent_shape),
+        "perceptual_mode": perceptual_mode(cfg),
+        "device": str(device),
+        "data": {"root": str(splits.train.plan.root), "n_train": len(splits.train.images),
+                 "n_test": len(splits.test.images), "test_counts": splits.test.class_counts()},
+        "n_generated": n_gen,
+        "n_generated_note": ("images per sampler, " + ("the size of the test split (default)"
+                                                       if n_samples is None else "set by n_samples")),
+    }
+
+
+_INCEPTION_NOTES = {"features": "InceptionV3 pool3 (2048), torch-fidelity weights via torchmetrics; "
+                                "grayscale repeated to RGB, (x * 255).byte() as normalize=True does",
+                    "fid_note": "FID is biased upward at small N: compare runs only at equal N"}
+_NOTES = {
+    "ms_ssim_diversity": "mean MS-SSIM over all pairs of a seeded subset of up to 50 images; lower = more "
+                         "diverse; compare with reference.test_ms_ssim_diversity",
+    "nn_train_rmse": "pixel RMSE to the nearest training image (either orientation); samples much closer "
+                     "than reference.test_nn_train_rmse suggest memorisation",
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # The evaluation
 # ---------------------------------------------------------------------------------------------
@@ -558,65 +685,27 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     KID (per sampler, the real floors and the decoder's floor). tstr_per_class: images per class for
     train-on-synthetic-test-on-real (0 skips it). seed: every random choice (samples, subsets, KID).
     """
-    from .data import make_datasets
-    from .files import atomic_write_bytes
-    from .training import default_device, load_model, perceptual_mode
+    from .training import default_device, load_model
 
     t_start = time.perf_counter()
-    unknown = sorted(set(samplers or ()) - set(SAMPLERS))
-    if unknown:
-        raise SpatialVAEError(f"unknown sampler(s) {unknown}: choose from {', '.join(SAMPLERS)}")
     run_dir = Path(run_dir)
     device = torch.device(device) if device is not None else default_device()
     ckpt_path = _checkpoint_path(run_dir, checkpoint)
     model, cfg, ckpt = load_model(ckpt_path, device)  # weights_only: nothing in the file is executed
     samplers, prior, prior_note = _select_samplers(run_dir, model, samplers)
     # Before the data and the model work: an explicit weights file that cannot be used fails fast.
-    domain_net = domain_info = None
-    if features_path is not None:
-        from .features import load_feature_net
-        domain_net, domain_info = load_feature_net(features_path)
+    domain_net, domain_info = _load_feature_file(features_path)
     net, inception_weights, inception_reason = load_inception(inception)
-
-    if data_root is not None:
-        cfg.data.root = str(data_root)
-    splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=progress)
+    splits, n_gen = _evaluation_data(cfg, data_root, n_samples, progress)
     train_u8, test_u8 = splits.train.images, splits.test.images  # (N, S, S) uint8, never flipped
     test_labels = splits.test.labels
-    n_gen = int(n_samples) if n_samples is not None else len(test_u8)
-    if n_gen < 2:
-        raise SpatialVAEError(f"n_samples={n_gen}: need at least 2 generated images for the metrics")
     out_dir = run_dir / "samples"
     pictures: dict[str, str] = {}
 
-    # ---- reconstruction -------------------------------------------------------------------
-    recon, recons = reconstruction_metrics(model, test_u8, test_labels, batch_size)
-    pick = _class_balanced_indices(test_labels, 16, seed)
-    save_grid(_reconstruction_sheet(as_float_images(test_u8[pick]), recons[pick]), out_dir / "eval_reconstructions.png")
-    pictures["reconstructions"] = "samples/eval_reconstructions.png"
-    save_grid(_interpolation_sheet(model, test_u8, test_labels, steps=8, n_pairs=4, seed=seed),
-              out_dir / "eval_interpolation.png", nrow=10)
-    pictures["interpolation"] = "samples/eval_interpolation.png"
-
-    recon["identity"] = float(nearest_is_self(recons, as_float_images(test_u8)).float().mean())
-    recon["test_images_with_a_duplicate"] = duplicate_count(as_float_images(test_u8))
+    recon, recons = _reconstruction_block(model, test_u8, test_labels, batch_size, seed, out_dir, pictures)
     floors = linear_floors(train_u8, test_u8, int(math.prod(model.latent_shape)))
-
-    # ---- references: what real images score ---------------------------------------------------
-    test_nn, _ = nearest_neighbour(test_u8, train_u8)
-    reference = {
-        "test_ms_ssim_diversity": pairwise_ms_ssim(as_float_images(test_u8), seed=seed),
-        "test_nn_train_rmse": summarize(test_nn),
-        "val_nn_train_rmse": summarize(nearest_neighbour(splits.val.images, train_u8)[0]) if len(splits.val) else None,
-    }
     train_subset = seeded_subset(len(train_u8), n_gen, seed)
-    feats_test = None
-    if net is not None:
-        feats_test = inception_features(net, test_u8, batch_size, device, progress, "inception test")
-        feats_train = inception_features(net, train_u8[train_subset], batch_size, device, progress, "inception train")
-        reference["train_vs_test"] = {"n_train": len(train_subset), **fid_kid(feats_test, feats_train, seed)}
-    else:
-        reference["train_vs_test"] = {"n_train": len(train_subset), "fid": None, "kid_mean": None, "kid_std": None}
+    reference, feats_test = _real_references(splits, train_subset, net, seed, batch_size, device, progress)
 
     refs, domain = None, None
     if domain_net is not None:
@@ -624,74 +713,37 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
                                           n_gen, seed, device)
 
     # ---- samplers -----------------------------------------------------------------------------
-    splits.train.hflip = False  # the originals, as the test split is seen
-    splits.train.set_epoch(0)
-    train_mu = encode_dataset(model, splits.train, batch_size, device, progress)  # (N, *latent_shape)
-    train_labels = splits.train.labels
+    train_mu, train_labels = _train_latents(model, splits, batch_size, device, progress)
     if domain is not None:
         domain["decoder_floor"] = decoder_floor(model, train_mu, refs.ref_b, recons, refs.net, refs.size, refs.ref_a_feats,
                                                 seed, device)
     scorer = _SampleScorer(train_u8, seed, batch_size, device, progress, net, feats_test, refs)
     results, fitted = {}, {}
     for name in samplers:
-        t0 = time.perf_counter()
-        sampler = fitted[name] = _fit_sampler(name, model, seed, prior, train_mu, train_labels)
-        fit_seconds = time.perf_counter() - t0 if name not in LEARNED else prior.train_seconds
-        labels = sampler_labels(name, train_labels, n_gen, seed)
-        t0 = time.perf_counter()
-        images = generate(model, sampler, n_gen, torch.Generator().manual_seed(seed), batch_size,
-                          labels=labels)  # (n, 1, S, S)
-        results[name] = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2),
-                         "sample_seconds": round(time.perf_counter() - t0, 2), "conditional": labels is not None,
-                         **scorer.score(name, images)}
-        save_grid(images[:64], out_dir / f"eval_{name}.png")
-        pictures[name] = f"samples/eval_{name}.png"
-        if labels is not None and name != "learned_label_free":
-            pictures.update(_class_grids(model, sampler, name, out_dir, seed, batch_size))
+        fitted[name], results[name] = _sampler_row(name, model, prior, train_mu, train_labels, n_gen, scorer,
+                                                   out_dir, pictures)
     tstr = None
     if tstr_per_class > 0 and any(n in fitted for n in TSTR_SOURCES):
         tstr = tstr_block(model, fitted, splits, test_u8, tstr_per_class, seed, batch_size, progress, tstr_repeats)
 
     metrics = {
-        "run_dir": str(run_dir),
-        "checkpoint": {"path": str(ckpt_path), "epoch": int(ckpt.get("epoch", 0))},
-        "preset": cfg.preset,
-        "architecture": cfg.model.architecture,
-        "image_size": cfg.data.image_size,
-        "latent_shape": list(model.latent_shape),
-        "perceptual_mode": perceptual_mode(cfg),
-        "device": str(device),
-        "data": {"root": str(splits.train.plan.root), "n_train": len(train_u8), "n_test": len(test_u8),
-                 "test_counts": splits.test.class_counts()},
-        "n_generated": n_gen,
-        "n_generated_note": ("images per sampler, " + ("the size of the test split (default)"
-                                                       if n_samples is None else "set by n_samples")),
+        **_run_header(run_dir, ckpt_path, ckpt, cfg, model, device, splits, n_gen, n_samples),
         "reconstruction": {"split": "test", "decoded": "posterior mean", **recon},
         "floors": floors,
-        "inception": {"weights": inception_weights,
-                      "features": "InceptionV3 pool3 (2048), torch-fidelity weights via torchmetrics; "
-                                  "grayscale repeated to RGB, (x * 255).byte() as normalize=True does",
-                      "fid_note": "FID is biased upward at small N: compare runs only at equal N"},
+        "inception": {"weights": inception_weights, **_INCEPTION_NOTES},
         "reference": reference,
         "domain": domain,
         "samplers": results,
         "tstr": tstr,
         "images": pictures,
-        "notes": {
-            "ms_ssim_diversity": "mean MS-SSIM over all pairs of a seeded subset of up to 50 images; lower = more "
-                                 "diverse; compare with reference.test_ms_ssim_diversity",
-            "nn_train_rmse": "pixel RMSE to the nearest training image (either orientation); samples much closer "
-                             "than reference.test_nn_train_rmse suggest memorisation",
-        },
+        "notes": _NOTES,
     }
     if inception_reason is not None:
         metrics["inception_unavailable"] = inception_reason
     if prior_note is not None:
         metrics["learned_prior_unavailable"] = prior_note
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
-    metrics = _json_safe(metrics)
-    atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
-    return metrics
+    return _write_metrics(run_dir, metrics)
 
 
 def _tstr_lines(tstr: Optional[dict], f) -> list[str]:
