@@ -348,11 +348,14 @@ def prior_path(run_dir) -> Path:
 
 
 def _read_prior_file(path: Path) -> dict:
+    fix = f"train it again with `python -m spatialvae prior --run {path.parent.parent} --force`"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # nothing in the file is executed
+        blob = torch.load(path, map_location="cpu", weights_only=True)  # nothing in the file is executed
     except Exception as e:  # noqa: BLE001 - corrupt, truncated or unsafe
-        raise CheckpointError(f"cannot read the latent prior {path} ({short_reason(e)}); train it again with "
-                              f"`python -m spatialvae prior --run {path.parent.parent} --force`") from None
+        raise CheckpointError(f"cannot read the latent prior {path} ({short_reason(e)}); {fix}") from None
+    if not isinstance(blob, dict) or blob.get("kind") != "spatialvae-latent-prior":
+        raise CheckpointError(f"{path} is not a spatialvae latent prior; {fix}")
+    return blob
 
 
 def load_prior(run_dir, latent_shape: Optional[tuple] = None) -> LearnedPrior:
@@ -362,7 +365,7 @@ def load_prior(run_dir, latent_shape: Optional[tuple] = None) -> LearnedPrior:
         raise SpatialVAEError(f"run {run_dir} has no learned prior ({path} is missing); train one with "
                               f"`python -m spatialvae prior --run {run_dir}`, or choose --sampler gmm")
     blob = _read_prior_file(path)
-    if isinstance(blob, dict) and not blob.get("done", True):
+    if not blob.get("done", True):
         raise SpatialVAEError(f"the latent prior in {path} stopped at step {blob.get('step')} of "
                               f"{blob.get('config', {}).get('steps')}; finish it with "
                               f"`python -m spatialvae prior --run {run_dir}`")
@@ -399,8 +402,8 @@ def fit_run_prior(run_dir, cfg=None, splits=None, device=None, progress: bool = 
     state = None
     if path.is_file() and not force:
         blob = _read_prior_file(path)
-        same_vae = isinstance(blob, dict) and blob.get("vae_epoch") == int(ckpt.get("epoch", 0))
-        same_cfg = isinstance(blob, dict) and blob.get("config") == asdict(cfg.prior)
+        same_vae = blob.get("vae_epoch") == int(ckpt.get("epoch", 0))
+        same_cfg = blob.get("config") == asdict(cfg.prior)
         if blob.get("done") and same_vae and (same_cfg or if_done == "keep"):
             if if_done == "error":
                 raise SpatialVAEError(f"{path} already holds a trained prior; add --force to train it again")

@@ -274,6 +274,12 @@ def test_prior_command_refuses_to_overwrite_and_retrains_with_force(prior_run, t
     assert load_prior(run).cfg.steps == 30
     code, _, err = _cli(["prior", "--run", tmp_path / "nowhere"], capsys)
     assert code == 2 and "not a run folder" in err
+    torch.save(torch.zeros(3), run / "checkpoints" / "prior.pt")  # a file that is no prior
+    code, _, err = _cli(["prior", "--run", run, "--data", data, "--quiet"], capsys)
+    assert code == 2 and "is not a spatialvae latent prior" in err and "--force" in err
+    (run / "checkpoints" / "prior.pt").write_bytes(b"junk")
+    code, _, err = _cli(["sample", "--run", run, "--sampler", "learned", "--out", tmp_path / "x.png"], capsys)
+    assert code == 2 and "cannot read the latent prior" in err and not (tmp_path / "x.png").exists()
 
 
 def test_evaluate_has_learned_and_conditional_rows_and_tstr(prior_run, offline):
