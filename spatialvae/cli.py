@@ -228,8 +228,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.sampler == "prior":
         images = model.sample(args.n, generator=gen)
     else:
-        args.epoch = ckpt.get("epoch", 0)
-        sampler = _fitted_sampler(args, model, cfg, labels is not None)
+        sampler = _fitted_sampler(args, model, cfg, int(ckpt.get("epoch", 0)), labels is not None)
         if args.sampler == "learned":
             from .sampling import decode_latents
             images = decode_latents(model, sampler.sample(args.n, gen, labels=labels, guidance=args.guidance))
@@ -242,27 +241,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fitted_sampler(args: argparse.Namespace, model, cfg, per_class: bool):
-    """The learned prior from the run folder, or a Gaussian / GMM fitted to the training split's
-    posterior means (one per class with --label)."""
+def _fitted_sampler(args: argparse.Namespace, model, cfg, epoch: int, per_class: bool):
+    """The learned prior from the run folder (``epoch``: the loaded checkpoint's, checked against the
+    prior's), or a Gaussian / GMM fitted to the training split's posterior means (per class with --label)."""
     if args.sampler == "learned":
         from .prior import load_prior
         prior = load_prior(args.run, model.latent_shape)
-        if prior.vae_epoch is not None and prior.vae_epoch != int(args.epoch):
+        if prior.vae_epoch is not None and prior.vae_epoch != epoch:
             print(f"warning: the learned prior was fitted to the latents of the epoch-{prior.vae_epoch} checkpoint "
-                  f"(best.pt), not this epoch-{args.epoch} one; its samples may be off", file=sys.stderr)
+                  f"(best.pt), not this epoch-{epoch} one; its samples may be off", file=sys.stderr)
         return prior
     from .data import make_datasets
     from .prior import run_latents
-    from .sampling import GaussianSampler, GMMSampler, PerClass
+    from .sampling import fit_sampler
 
     if args.data is not None:
         cfg.data.root = args.data
-    lat = run_latents(model, make_datasets(cfg.data, seed=cfg.train.seed, progress=False))
-    make = (lambda: GMMSampler(n_components=10, seed=args.seed)) if args.sampler == "gmm" else GaussianSampler
-    if per_class:
-        return PerClass(make, args.sampler).fit(lat["train"], lat["train_labels"])
-    return make().fit(lat["train"])
+    lat = run_latents(model, make_datasets(cfg.data, seed=cfg.train.seed, progress=False), val=False)
+    return fit_sampler(args.sampler, lat["train"], lat["train_labels"] if per_class else None, args.seed)
 
 
 def cmd_prior(args: argparse.Namespace) -> int:

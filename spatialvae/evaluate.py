@@ -44,8 +44,8 @@ from .errors import SpatialVAEError, WeightsError, short_reason
 from .metrics import (PSNR_CAP_DB, duplicate_count, l1, nearest_is_self, pca_reconstruct, psnr,  # noqa: F401
                       ssim_score)
 from .prior import load_prior, prior_path
-from .sampling import (CLASS_NAMES, GaussianSampler, GMMSampler, PerClass, PriorSampler, decode_latents,
-                       encode_dataset, eval_mode, generate, interpolate, save_grid, seeded_subset)
+from .sampling import (CLASS_NAMES, PriorSampler, decode_latents, encode_originals, eval_mode, fit_sampler, generate,
+                       interpolate, save_grid, seeded_subset)
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")  # torch-fidelity's URL_INCEPTION_V3
@@ -374,19 +374,6 @@ def _json_safe(x):
     return x
 
 
-def make_sampler(name: str, model: nn.Module, seed: int, prior=None):
-    """The sampler behind an evaluate row -> (sampler, class-conditional?)."""
-    return {
-        "prior": lambda: (PriorSampler(model.latent_shape), False),
-        "aggregate_posterior": lambda: (GaussianSampler(), False),
-        "gmm": lambda: (GMMSampler(n_components=10, seed=seed), False),
-        "aggregate_posterior_per_class": lambda: (PerClass(GaussianSampler, "aggregate_posterior"), True),
-        "gmm_per_class": lambda: (PerClass(lambda: GMMSampler(n_components=10, seed=seed), "gmm"), True),
-        "learned": lambda: (prior, True),
-        "learned_label_free": lambda: (prior, True),
-    }[name]()
-
-
 def sampler_labels(name: str, train_labels: torch.Tensor, n: int, seed: int) -> Optional[torch.Tensor]:
     """Labels a conditional row asks for: those of a seeded subset of the training split (its class
     mix); the label-free row asks for label 2 (no label); unconditional rows for none."""
@@ -400,10 +387,15 @@ def sampler_labels(name: str, train_labels: torch.Tensor, n: int, seed: int) -> 
 
 
 def _fit_sampler(name: str, model: nn.Module, seed: int, prior, train_mu, train_labels):
-    sampler, conditional = make_sampler(name, model, seed, prior)
+    """The sampler behind an evaluate row: N(0, I), the learned prior, or a Gaussian / GMM fitted to
+    the training latents (``*_per_class``: one per class)."""
+    if name == "prior":
+        return PriorSampler(model.latent_shape)
     if name in LEARNED:
-        return sampler
-    return sampler.fit(train_mu, train_labels) if conditional else sampler.fit(train_mu)
+        return prior
+    base = name.removesuffix("_per_class")
+    kind = "gaussian" if base == "aggregate_posterior" else base
+    return fit_sampler(kind, train_mu, train_labels if name.endswith("_per_class") else None, seed)
 
 
 def _class_grids(model: nn.Module, sampler, name: str, out_dir: Path, seed: int, batch_size: int) -> dict:
@@ -562,13 +554,6 @@ def _evaluation_data(cfg, data_root, n_samples: Optional[int], progress: bool):
     return splits, n_gen
 
 
-def _train_latents(model: nn.Module, splits, batch_size: int, device, progress: bool):
-    """Posterior means (N, *latent_shape) and labels of the unflipped training images."""
-    splits.train.hflip = False  # the originals, as the test split is seen
-    splits.train.set_epoch(0)
-    return encode_dataset(model, splits.train, batch_size, device, progress), splits.train.labels
-
-
 def _write_metrics(run_dir: Path, metrics: dict) -> dict:
     """NaN/inf -> null, then run_dir/metrics.json atomically; returns what was written."""
     from .files import atomic_write_bytes
@@ -713,7 +698,8 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
                                           n_gen, seed, device)
 
     # ---- samplers -----------------------------------------------------------------------------
-    train_mu, train_labels = _train_latents(model, splits, batch_size, device, progress)
+    train_mu = encode_originals(model, splits.train, batch_size, device, progress)  # (N, *latent_shape)
+    train_labels = splits.train.labels
     if domain is not None:
         domain["decoder_floor"] = decoder_floor(model, train_mu, refs.ref_b, recons, refs.net, refs.size, refs.ref_a_feats,
                                                 seed, device)

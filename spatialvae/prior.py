@@ -35,7 +35,7 @@ from .config import Config, PriorConfig
 from .data import make_datasets
 from .errors import CheckpointError, SpatialVAEError, short_reason
 from .files import atomic_torch_save
-from .sampling import encode_dataset
+from .sampling import encode_originals
 from .training import default_device, load_model
 
 PRIOR_VERSION = 1
@@ -245,6 +245,7 @@ class _PriorTrainer:
         prior.class_counts = [int((self.y == k).sum()) for k in range(N_CLASSES)]
         prior.mean = self.x.mean(0)
         prior.std = self.x.std(0).clamp(min=1e-6)
+        self.x = (self.x - prior.mean) / prior.std  # standardised once, not every step
         self.online = prior._build(tuple(self.x.shape[1:]))
         prior.net = copy.deepcopy(self.online).requires_grad_(False)  # EMA copy
         self.opt = torch.optim.AdamW(self.online.parameters(), lr=c.lr, weight_decay=c.weight_decay)
@@ -261,7 +262,7 @@ class _PriorTrainer:
         return c.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     def loss(self, net: FlowNet, x1: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x1 = (x1 - self.prior.mean) / self.prior.std
+        """Flow-matching loss for standardised latents x1 (B, C, H, W)."""
         x0 = torch.randn(x1.shape, generator=gen)
         t = torch.rand(len(x1), generator=gen)
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * x1
@@ -292,7 +293,8 @@ class _PriorTrainer:
         """Flow-matching loss of the EMA net on held-out latents, with fixed noise and times."""
         y = torch.full((len(latents),), N_CLASSES, dtype=torch.long) if labels is None else labels.long()
         self.prior.net.eval()
-        return float(self.loss(self.prior.net, latents.float(), y, torch.Generator().manual_seed(0)))
+        x1 = (latents.float() - self.prior.mean) / self.prior.std
+        return float(self.loss(self.prior.net, x1, y, torch.Generator().manual_seed(0)))
 
     def run(self, val_latents, val_labels, progress: bool, log, save) -> None:
         from tqdm.std import tqdm  # the plain-text bar, as in training.py
@@ -372,13 +374,11 @@ def load_prior(run_dir, latent_shape: Optional[tuple] = None) -> LearnedPrior:
     return LearnedPrior.from_state_dict(blob, latent_shape, where=str(path))
 
 
-def run_latents(model: nn.Module, splits, device=None, progress: bool = False) -> dict:
-    """Posterior means and labels of a run's train (unflipped) and validation splits."""
-    splits.train.hflip = False  # the originals, as the test split is seen
-    splits.train.set_epoch(0)
-    out = {"train": encode_dataset(model, splits.train, 64, device, progress), "train_labels": splits.train.labels}
-    if splits.val is not None and len(splits.val):
-        out.update(val=encode_dataset(model, splits.val, 64, device, progress), val_labels=splits.val.labels)
+def run_latents(model: nn.Module, splits, device=None, progress: bool = False, val: bool = True) -> dict:
+    """Posterior means and labels of a run's train (unflipped) and, with ``val``, validation splits."""
+    out = {"train": encode_originals(model, splits.train, 64, device, progress), "train_labels": splits.train.labels}
+    if val and splits.val is not None and len(splits.val):
+        out.update(val=encode_originals(model, splits.val, 64, device, progress), val_labels=splits.val.labels)
     return out
 
 

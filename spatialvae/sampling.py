@@ -17,6 +17,7 @@ same latents on every call and machine.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -228,6 +229,17 @@ class PerClass:
         return {"kind": "one sampler per class", "classes": {CLASS_NAMES[k]: s.describe() for k, s in self.samplers.items()}}
 
 
+def fit_sampler(kind: str, latents: torch.Tensor, labels: Optional[torch.Tensor] = None, seed: int = 0):
+    """A ``gaussian`` or ``gmm`` (10 components) sampler fitted to posterior means (N, *latent_shape);
+    with ``labels``, one per class (`PerClass`)."""
+    makers = {"gaussian": GaussianSampler, "gmm": lambda: GMMSampler(n_components=10, seed=seed)}
+    if kind not in makers:
+        raise SpatialVAEError(f"unknown fitted sampler {kind!r}: choose gaussian or gmm")
+    if labels is not None:
+        return PerClass(makers[kind], kind).fit(latents, labels)
+    return makers[kind]().fit(latents)
+
+
 def parse_label_mix(text: Optional[str], n: int) -> Optional[torch.Tensor]:
     """``normal``, ``pneumonia`` or a mix ``normal:0.3,pneumonia:0.7`` -> n labels (NORMAL first).
 
@@ -246,7 +258,7 @@ def parse_label_mix(text: Optional[str], n: int) -> Optional[torch.Tensor]:
             value = float(share) if share else 1.0
         except ValueError:
             value = -1.0
-        if not (value >= 0 and value != float("inf")):
+        if not (math.isfinite(value) and value >= 0):
             raise SpatialVAEError(f"label share {share!r} for {name.strip()} is not a number >= 0; write e.g. "
                                   "normal:0.25,pneumonia:0.75")
         shares[CLASS_NAMES.index(key)] = shares.get(CLASS_NAMES.index(key), 0.0) + value
@@ -307,6 +319,20 @@ def encode_dataset(model: nn.Module, dataset: Dataset | torch.Tensor, batch_size
     return torch.cat(out)  # (N, *latent_shape)
 
 
+def encode_originals(model: nn.Module, dataset, batch_size: int = 64, device: torch.device | str | None = None,
+                     progress: bool = False) -> torch.Tensor:
+    """`encode_dataset` of a ChestXRayDataset's images as stored, without the training flips: the
+    latents every sampler is fitted to. The dataset's flip setting and epoch are left as they were."""
+    flip, epoch = dataset.hflip, dataset.epoch
+    dataset.hflip = False
+    dataset.set_epoch(epoch)
+    try:
+        return encode_dataset(model, dataset, batch_size, device, progress)
+    finally:
+        dataset.hflip = flip
+        dataset.set_epoch(epoch)
+
+
 @torch.no_grad()
 def decode_latents(model: nn.Module, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Decode latents in batches on the model's device -> (N, C, H, W) float32 in [0, 1] on the CPU."""
@@ -320,8 +346,8 @@ def generate(model: nn.Module, sampler, n: int, generator: Optional[torch.Genera
              batch_size: int = 64, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """n images decoded from ``sampler`` draws -> (n, C, H, W) in [0, 1] on the CPU. ``labels``
     (n,) asks a class-conditional sampler (`PerClass`, `LearnedPrior`) for those classes."""
-    z = sampler.sample(n, generator=generator) if labels is None else sampler.sample(n, generator=generator,
-                                                                                       labels=labels)
+    kwargs = {} if labels is None else {"labels": labels}
+    z = sampler.sample(n, generator=generator, **kwargs)  # (n, *latent_shape)
     return decode_latents(model, z, batch_size)
 
 
@@ -353,5 +379,6 @@ def seeded_subset(n_total: int, k: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
-__all__ = ["PriorSampler", "GaussianSampler", "GMMSampler", "PerClass", "parse_label_mix", "CLASS_NAMES", "encode_dataset", "decode_latents", "generate",
-           "interpolate", "save_grid", "seeded_subset", "eval_mode"]
+__all__ = ["PriorSampler", "GaussianSampler", "GMMSampler", "PerClass", "fit_sampler", "parse_label_mix",
+           "CLASS_NAMES", "encode_dataset", "encode_originals", "decode_latents", "generate", "interpolate",
+           "save_grid", "seeded_subset", "eval_mode"]

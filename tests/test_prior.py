@@ -118,6 +118,12 @@ def test_per_class_sampler_fits_one_model_per_class():
     z = pc.sample(6, torch.Generator().manual_seed(0), labels=torch.tensor([1, 0, 1, 0, 0, 1]))
     assert z.shape == (6, *SHAPE)
     assert (z.flatten(1).mean(1).sign() == torch.tensor([1, -1, 1, -1, -1, 1.0])).all()
+    from spatialvae.sampling import fit_sampler
+
+    per_class_gmm = fit_sampler("gmm", x, y)
+    assert isinstance(per_class_gmm, PerClass) and set(per_class_gmm.samplers) == {0, 1}
+    with pytest.raises(SpatialVAEError, match="choose gaussian or gmm"):
+        fit_sampler("vamp", x)
     only_normal = PerClass(GaussianSampler, "g").fit(x[:100], y[:100])
     with pytest.raises(SpatialVAEError, match="PNEUMONIA"):
         only_normal.sample(2, labels=torch.tensor([0, 1]))
@@ -355,3 +361,26 @@ def test_tstr_repeats_average_classifiers_with_different_seeds():
     assert r["repeats"] == 3 and r["balanced_accuracy"] == pytest.approx(sum(bal) / 3)
     assert r["balanced_accuracy_std"] == pytest.approx(float(torch.tensor(bal, dtype=torch.float64).std()))
     assert len({x["final_train_loss"] for x in r["runs"]}) == 3  # three different classifier seeds
+
+
+def test_encode_originals_ignores_training_flips_and_restores_them(prior_run):
+    import warnings
+
+    from spatialvae.config import Config
+    from spatialvae.data import as_float_images, make_datasets
+    from spatialvae.sampling import encode_dataset, encode_originals
+    from spatialvae.training import load_model
+
+    run, tree = prior_run
+    model, _, _ = load_model(run / "checkpoints" / "best.pt")
+    cfg = Config.from_json(run / "config.json")
+    cfg.data.root = str(tree["root"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = make_datasets(cfg.data, seed=cfg.train.seed, progress=False).train
+    train.set_epoch(5)
+    flips_before = train._flip.clone()
+    assert train.hflip and flips_before.any()  # some images are served mirrored this epoch
+    mu = encode_originals(model, train, batch_size=8)
+    assert torch.allclose(mu, encode_dataset(model, as_float_images(train.images), batch_size=8), atol=1e-6)
+    assert train.hflip and train.epoch == 5 and torch.equal(train._flip, flips_before)
