@@ -698,7 +698,9 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
                                           n_gen, seed, device)
 
     # ---- samplers -----------------------------------------------------------------------------
-    train_mu = encode_originals(model, splits.train, batch_size, device, progress)  # (N, *latent_shape)
+    fitted_rows = [n for n in samplers if n != "prior" and n not in LEARNED]  # they need the training latents
+    train_mu = (encode_originals(model, splits.train, batch_size, device, progress)  # (N, *latent_shape)
+                if fitted_rows or domain is not None else None)
     train_labels = splits.train.labels
     if domain is not None:
         domain["decoder_floor"] = decoder_floor(model, train_mu, refs.ref_b, recons, refs.net, refs.size, refs.ref_a_feats,

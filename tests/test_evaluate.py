@@ -200,9 +200,11 @@ def test_evaluate_run_with_a_feature_network_fills_fid_and_kid(smoke_run, offlin
         assert s["fid"] >= 0 and isinstance(s["kid_mean"], float)
 
 
-def test_evaluate_run_options(smoke_run, offline):
+def test_evaluate_run_options(smoke_run, offline, monkeypatch):
     run, tree = smoke_run
-    m = _evaluate(run, tree, inception="off", checkpoint="last", n_samples=4, samplers=("prior",))
+    with monkeypatch.context() as mp:  # N(0, I) alone needs no training latents: none are encoded
+        mp.setattr(ev, "encode_originals", lambda *a, **k: pytest.fail("encoded the training split for nothing"))
+        m = _evaluate(run, tree, inception="off", checkpoint="last", n_samples=4, samplers=("prior",))
     assert offline == []  # "off" never tries to download
     assert m["inception_unavailable"] == "skipped (inception='off')"
     assert m["n_generated"] == 4 and "n_samples" in m["n_generated_note"]
