@@ -19,18 +19,31 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import cv2
+import torch
+
+from . import data as D
+from .config import get_preset
+from .engine import autocast_context, train_step
 from .errors import SpatialVAEError
+from .losses import build_loss
+from .model import build_model, count_parameters
+from .runs import read_history_csv
+from .training import final_beta
 
 # Kaggle's T4 (NVIDIA datasheet): 65 TFLOP/s fp16 tensor cores, 8.1 TFLOP/s fp32.
 T4_FP16_TFLOPS = 65.0
@@ -73,7 +86,6 @@ class _PeakRss:
     process-wide ru_maxrss cannot give (it keeps whatever peak importing torch reached)."""
 
     def __enter__(self):
-        import threading
 
         self.peak = _rss_mb()
         self._stop = threading.Event()
@@ -94,15 +106,8 @@ class _PeakRss:
 def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, setting: dict, repeats: int,
                  device: str = "auto", seed: int = 0) -> dict:
     """Time ``repeats`` training steps after warm-up; returns images/s, first loss, peak memory."""
-    import warnings
 
-    import torch
 
-    from .config import get_preset
-    from .engine import autocast_context, train_step
-    from .losses import build_loss
-    from .model import build_model
-    from .training import final_beta
 
     s = StepSetting(**setting)
     rss_before = _rss_mb()  # the interpreter + torch, before any model exists
@@ -168,7 +173,6 @@ def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, set
 def _timed_steps(step, repeats: int, sync) -> tuple[list, float, bool, float]:
     """Run ``repeats`` steps, each timed between device syncs -> (seconds, last loss, all finite,
     peak resident MB). Steady-state steps only: compile-time memory is not a training cost."""
-    import math
 
     times, finite, last_loss = [], True, math.nan
     with _PeakRss() as rss:
@@ -200,14 +204,9 @@ def _run_in_child(args: dict, timeout: float) -> dict:
 
 def count_flops(preset: str = "seed", image_size: int = 128) -> dict:
     """FLOPs per image (convs, matmuls, attention; not norms/activations), batch of 2 divided by 2."""
-    import warnings
 
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .config import get_preset
-    from .losses import build_loss
-    from .model import build_model
 
     cfg = get_preset(preset).with_overrides({"data.image_size": image_size})
     torch.manual_seed(0)
@@ -227,7 +226,6 @@ def count_flops(preset: str = "seed", image_size: int = 128) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         vgg = build_loss(cfg.with_overrides({"loss.perceptual_weight": 0.1, "loss.vgg_weights": "random"}))
-    from .model import count_parameters
 
     return {
         "preset": preset, "image_size": image_size, "parameters": count_parameters(model),
@@ -258,9 +256,7 @@ def t4_projection(flops: dict, train_images: int = KAGGLE_TRAIN_IMAGES, val_imag
 
 def _full_size_decode(args):
     """A full-resolution cv2 decode, then the same CLAHE + resize: what per-epoch code usually does."""
-    import cv2
 
-    from . import data as D
 
     cv2.setNumThreads(1)
     path, size, clip, tiles = args
@@ -272,9 +268,7 @@ def bench_data(data_root, image_size: int = 128, kaggle_n: int = 200, batch: int
                workers: Optional[int] = None) -> dict:
     """Preprocessing rate (Kaggle-size; all cores, one core, naive full-size decode), cache load,
     cached epoch (0 and 2 loader workers) vs decoding every epoch."""
-    import cv2
 
-    from . import data as D
 
     cores = workers or D._default_workers()
     plan = D.plan_splits(data_root)
@@ -335,7 +329,6 @@ def bench_data(data_root, image_size: int = 128, kaggle_n: int = 200, batch: int
 def run_bench(data_root=None, preset: str = "seed", image_size: int = 128, batch: int = 32, repeats: int = 3,
               settings: Optional[Sequence[str]] = None, perceptual: Sequence[bool] = (False, True),
               kaggle_n: int = 200, skip_data: bool = False, timeout: float = 900.0, progress: bool = True) -> dict:
-    import torch
 
     cuda = torch.cuda.is_available()
     all_settings = CPU_SETTINGS + (CUDA_EXTRA if cuda else ())
@@ -492,7 +485,6 @@ def time_to_quality(run_dirs: list, thresholds: tuple = (20.0, 24.0, 27.1, 28.7)
     The clock is the sum of each epoch's ``seconds`` (training + validation, not the monitor
     itself), so it is what the same run costs without watching. Only runs made on the same
     machine, one at a time, compare."""
-    from .training import read_history_csv
 
     curves, table = {}, []
     for run in map(Path, run_dirs):
@@ -543,4 +535,176 @@ def time_to_quality_table(res: dict) -> str:
         reach = " | ".join("never" if v is None else f"{v:.1f}" for v in r["minutes_to_db"].values())
         lines.append(f"| {r['run']} | {r['epochs']} | {r['minutes']:.1f} | {p1} | {r['final_psnr']:.2f} | "
                      f"{r['final_ssim']:.3f} | {reach} |")
+    return "\n".join(lines)
+
+
+# ---- attention q/k/v layout (issue 14) -----------------------------------------------------------
+
+ATTENTION_ROUNDS, ATTENTION_STEP_ROUNDS = 15, 7  # interleaved old/new pairs: block alone, whole model
+
+
+def attention_old_layout(block, x):
+    """`AttentionBlock.forward` as it was before issue 14, from the same block's weights (kept here
+    only, to time against): q, k and v permuted straight out of the conv output, so on an NCHW input
+    HW (not head_dim) is their unit-stride axis and SDPA takes the unfused math path."""
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    qkv = block.qkv(block.norm(x))  # (B, 3C, H, W)
+    qkv = qkv.reshape(b, 3, block.heads, c // block.heads, h * w)  # (B, 3, heads, d, HW)
+    q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)  # each (B, heads, HW, d)
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
+    out = out.transpose(2, 3).reshape(b, c, h, w)  # heads back into channels: (B, C, H, W)
+    return x + block.proj(out)
+
+
+def _sdpa_kernels(fn) -> str:
+    """The SDPA implementation(s) that ran in fn, from the profiler: "flash_attention_for_cpu" is
+    the fused CPU kernel, "attention_math" the unfused one (bmm + softmax)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    prefix = "aten::_scaled_dot_product_"
+    return "+".join(sorted({e.name[len(prefix):] for e in prof.events()
+                            if e.name.startswith(prefix) and not e.name.endswith("_backward")})) or "none"
+
+
+def _interleaved(fns: dict, rounds: int, sync) -> dict:
+    """Median seconds of each callable, all run once per round, the order reversed every other round:
+    load from other processes lands on every variant alike, so the ratio stays fair."""
+    times: dict = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            sync()
+            t0 = time.perf_counter()
+            fns[k]()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_attention(batch: int = 32, presets: Sequence[str] = ("seed", "quick"), step_preset: Optional[str] = "quick",
+                    rounds: int = ATTENTION_ROUNDS, step_rounds: int = ATTENTION_STEP_ROUNDS, seed: int = 0) -> dict:
+    """Old vs new q/k/v layout of the attention block, interleaved in this process (ratios old/new).
+
+    Per preset: one AttentionBlock at that model's attention side, width and heads, batch ``batch``,
+    NCHW (eager, evaluate, sample) and NHWC (`train.channels_last`), forward + backward and forward
+    alone; which SDPA kernel each layout ran; the largest output difference. Then one forward + loss +
+    backward of the whole ``step_preset`` model at its own image size and batch, NCHW, with every
+    attention block computed the old way or the new."""
+    import types
+
+    from .model import AttentionBlock
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for preset in presets:
+        cfg = get_preset(preset)
+        if not cfg.model.attention_resolutions:
+            continue
+        torch.manual_seed(seed)
+        ref = next(m for m in build_model(cfg).modules() if isinstance(m, AttentionBlock))  # the encoder's
+        side = cfg.model.attention_resolutions[0]
+        block = AttentionBlock(ref.ch, ref.heads, cfg.model.norm_groups).to(dev)  # non-zero proj: outputs compare
+        x0 = torch.randn(batch, ref.ch, side, side, generator=gen).to(dev)
+        for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
+            block = block.to(memory_format=fmt)
+            x = x0.contiguous(memory_format=fmt).requires_grad_()
+            layouts = {"old": lambda t: attention_old_layout(block, t), "new": block}
+
+            def train(fn):
+                def go():
+                    x.grad = None
+                    block.zero_grad(set_to_none=True)
+                    fn(x).sum().backward()
+                return go
+
+            def infer(fn):
+                def go():
+                    with torch.no_grad():
+                        fn(x)
+                return go
+
+            with torch.no_grad():
+                diff = (layouts["old"](x) - layouts["new"](x)).abs().max().item()
+            kernels = {k: _sdpa_kernels(train(fn)) for k, fn in layouts.items()}  # also the warm-up
+            fb = _interleaved({k: train(fn) for k, fn in layouts.items()}, rounds, sync)
+            fw = _interleaved({k: infer(fn) for k, fn in layouts.items()}, rounds, sync)
+            rows.append({"preset": preset, "side": side, "channels": ref.ch, "heads": ref.heads, "batch": batch,
+                         "memory_format": fmt_name, "kernel_old": kernels["old"], "kernel_new": kernels["new"],
+                         "max_abs_diff": diff,
+                         "fwd_bwd_seconds_old": round(fb["old"], 5), "fwd_bwd_seconds_new": round(fb["new"], 5),
+                         "fwd_bwd_ratio": round(fb["old"] / fb["new"], 3),
+                         "forward_seconds_old": round(fw["old"], 5), "forward_seconds_new": round(fw["new"], 5),
+                         "forward_ratio": round(fw["old"] / fw["new"], 3)})
+    res: dict = {"rows": rows, "rounds": rounds, "device": str(dev), "threads": torch.get_num_threads(),
+                 "what": "median seconds over interleaved rounds (old, new / new, old ...) in one process; "
+                         "ratio = old / new (above 1: the new layout is faster)"}
+    if step_preset:
+        cfg = get_preset(step_preset).with_overrides({"loss.perceptual_weight": 0.0})
+        torch.manual_seed(seed)
+        model = build_model(cfg).to(dev)
+        loss_fn = build_loss(cfg).to(dev)
+        size, n = cfg.data.image_size, cfg.data.batch_size
+        x = torch.rand(n, 1, size, size, generator=gen).to(dev)
+        blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+        losses = {}
+
+        def step(layout):
+            def go():
+                for m in blocks:  # an instance attribute shadows the class's forward; deleting it restores it
+                    if layout == "old":
+                        m.forward = types.MethodType(attention_old_layout, m)
+                    else:
+                        m.__dict__.pop("forward", None)
+                torch.manual_seed(seed)  # the same posterior sample for both layouts
+                model.zero_grad(set_to_none=True)
+                recon, mu, logvar = model(x)
+                loss = loss_fn(recon, x, mu, logvar, 1e-3)[0]
+                loss.backward()
+                losses[layout] = loss.item()
+            return go
+
+        for layout in ("old", "new"):
+            step(layout)()  # warm-up
+        t = _interleaved({k: step(k) for k in ("old", "new")}, step_rounds, sync)
+        step("new")()  # leaves the model as built
+        res["model_step"] = {"preset": step_preset, "image_size": size, "batch": n, "memory_format": "NCHW",
+                             "attention_blocks": len(blocks), "rounds": step_rounds,
+                             "what": "forward + loss (no perceptual term) + backward, no optimizer step",
+                             "seconds_old": round(t["old"], 4), "seconds_new": round(t["new"], 4),
+                             "ratio": round(t["old"] / t["new"], 3),
+                             "loss_rel_diff": abs(losses["old"] - losses["new"]) / max(abs(losses["old"]), 1e-12)}
+    return res
+
+
+def attention_only(batch: int = 32, progress: bool = True) -> dict:
+    """`bench --only attention`: the machine and `bench_attention`, nothing else (about a minute)."""
+    _say(progress, "attention: old vs new q/k/v layout, interleaved ...")
+    cuda = torch.cuda.is_available()
+    return {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                        "cuda": torch.cuda.get_device_name(0) if cuda else None},
+            "attention": bench_attention(batch=batch)}
+
+
+def attention_table(att: dict) -> str:
+    lines = [f"| attention block, q/k/v layout ({att['device']}, {att['threads']} threads) | format | "
+             "SDPA old -> new | fwd+bwd s old | new | old/new | forward s old | new | old/new | max diff |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in att["rows"]:
+        lines.append(f"| {r['preset']}: {r['side']}x{r['side']}, {r['channels']} ch, {r['heads']} head(s), "
+                     f"batch {r['batch']} | {r['memory_format']} | {r['kernel_old']} -> {r['kernel_new']} | "
+                     f"{r['fwd_bwd_seconds_old']:.4f} | {r['fwd_bwd_seconds_new']:.4f} | {r['fwd_bwd_ratio']:.2f}x | "
+                     f"{r['forward_seconds_old']:.4f} | {r['forward_seconds_new']:.4f} | {r['forward_ratio']:.2f}x | "
+                     f"{r['max_abs_diff']:.1e} |")
+    s = att.get("model_step")
+    if s:
+        lines.append(f"whole {s['preset']} model, forward + loss + backward, batch {s['batch']} at {s['image_size']} px, "
+                     f"{s['memory_format']}: {s['seconds_old']:.3f} s old, {s['seconds_new']:.3f} s new, "
+                     f"{s['ratio']:.2f}x (loss difference {s['loss_rel_diff']:.1e} relative)")
+    lines.append(f"medians of {att['rounds']} interleaved rounds in one process (old/new above 1: the fix is faster)")
     return "\n".join(lines)

@@ -2,6 +2,9 @@
 
 Every user error (`SpatialVAEError`) ends as one ``error: ...`` line on stderr and exit status 2,
 never a traceback.
+
+Each command imports the modules it runs inside its function: they import torch (about 1.5 s),
+so ``--help`` and argument errors answer at once. Everything else is imported here.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
-from .ablation import VARIANT_NAMES
-from .config import PRESETS
-from .errors import SpatialVAEError
+from .config import PRESETS, Config, DataConfig, get_preset
+from .errors import ConfigError, SpatialVAEError, WeightsError
+from .variants import VARIANT_NAMES, ablation_base
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +36,6 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """Per split and class counts, original image sizes, skipped files, validation split used."""
-    from .config import Config, DataConfig
     from .data import make_datasets, summarize
 
     cfg = DataConfig(root=args.data, image_size=args.image_size, val_split=args.val_split,
@@ -109,45 +112,34 @@ def _print_data_report(r: dict) -> None:
           f"({pp['images_per_second']} images/s)")
 
 
-def _init_distributed():
-    """Under torchrun (WORLD_SIZE > 1): join the process group; returns (rank, world, device)."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return dist.get_rank(), world, torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return dist.get_rank(), world, torch.device("cpu")
-
-
-def _load_train_config(args: argparse.Namespace):
-    from pathlib import Path
-
-    from .config import Config, get_preset
-    from .errors import ConfigError
-
+def _load_train_config(args: argparse.Namespace) -> Config:
     if args.resume:
-        if args.config or args.preset:
-            raise ConfigError("--resume continues a run with its own config.json; drop --preset/--config "
-                              "(use --set to change e.g. train.phase2.epochs)")
-        cfg_path = Path(args.resume) / "config.json"
-        if not cfg_path.is_file():
-            raise ConfigError(f"{args.resume} is not a run folder (no config.json); pass the folder that "
-                              "`train` created, e.g. runs/003-seed")
-        cfg = Config.from_json(cfg_path)
-    elif args.config:
-        cfg = Config.from_json(args.config)
-    else:
-        cfg = get_preset(args.preset or "seed")
+        return _resume_config(args)
+    cfg = Config.from_json(args.config) if args.config else get_preset(args.preset or "seed")
     cfg = cfg.with_overrides(args.set or [])
+    if args.data:
+        cfg.data.root = args.data
+    return cfg
+
+
+def _resume_config(args: argparse.Namespace) -> Config:
+    """The run's own config.json (+ --set). A --preset / --config given too (the first command
+    re-typed with --resume added) is accepted when it matches the run, and refused naming the keys
+    that differ otherwise."""
+    cfg_path = Path(args.resume) / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{args.resume} is not a run folder (no config.json); pass the folder that "
+                          "`train` created, e.g. runs/003-seed")
+    cfg = Config.from_json(cfg_path).with_overrides(args.set or [])
+    if args.config or args.preset:
+        given = Config.from_json(args.config) if args.config else get_preset(args.preset)
+        diff = cfg.differences(given.with_overrides(args.set or []), ignore=("data.root",))
+        if diff:
+            shown = "; ".join(f"{k}: run {a!r} vs given {b!r}" for k, (a, b) in list(diff.items())[:4])
+            more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
+            raise ConfigError(f"--resume {args.resume}: the run's config.json differs from "
+                              f"{args.config or '--preset ' + args.preset} in {shown}{more}; drop --preset/--config "
+                              "to continue the run as it was (use --set to change e.g. train.phase2.epochs)")
     if args.data:
         cfg.data.root = args.data
     return cfg
@@ -155,36 +147,26 @@ def _load_train_config(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train both phases into a numbered run folder (or continue one with --resume)."""
-    from pathlib import Path
-
-    import torch.distributed as dist
-
+    from . import distributed
     from .data import make_datasets
     from .losses import build_loss
-    from .training import build_trainer, create_run_dir, make_logger
+    from .runs import create_run_dir, make_logger
+    from .training import build_trainer
 
     cfg = _load_train_config(args)
-    rank, world, device = _init_distributed()
+    rank, _, device = distributed.init_distributed()
     try:
-        # Rank 0 decodes (all cores) and writes the cache; the others then read it.
-        if rank == 0:
-            splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=not args.quiet)
-        if world > 1:
-            dist.barrier()
-        if rank != 0:
-            splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=False)
+        with distributed.main_first():  # rank 0 decodes (all cores) and writes the cache; the others read it
+            splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=not args.quiet and rank == 0)
         loss = build_loss(cfg)  # fails on missing VGG weights before a run folder is made
         if args.resume:
             run_dir = Path(args.resume)
-        elif rank == 0:
-            run_dir = create_run_dir(args.out, cfg.preset if not args.name else args.name)
-        if world > 1 and not args.resume:
-            box = [str(run_dir) if rank == 0 else None]
-            dist.broadcast_object_list(box, src=0)
-            run_dir = Path(box[0])
+        else:
+            run_dir = Path(distributed.broadcast(
+                str(create_run_dir(args.out, args.name or cfg.preset)) if rank == 0 else None))
         log = make_logger(run_dir if rank == 0 else None)
         trainer = build_trainer(cfg, splits.train, splits.val, run_dir, device=device, progress=not args.quiet,
-                                log=log, resume=bool(args.resume), loss=loss,
+                                resume=bool(args.resume), loss=loss,
                                 monitor_data=splits.test if args.monitor_test else None)
         t0 = time.perf_counter()
         history = trainer.fit()
@@ -199,28 +181,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                 fit_run_prior(run_dir, cfg, splits, device, progress=not args.quiet, log=log.info)
                 log.info(f"latent prior: {prior_path(run_dir)} | {time.perf_counter() - t1:.0f} s this session")
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.shutdown()
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Samples from a run's checkpoint as one PNG grid: GMM on the training latents by default,
     the learned prior, per class with --label."""
-    from pathlib import Path
 
     import torch
 
+    from .runs import load_model
     from .sampling import parse_label_mix
-    from .training import load_model
     from .viz import image_grid, save_png
 
     labels = parse_label_mix(args.label, args.n)  # an unknown label fails before anything is loaded
     if labels is not None and args.sampler == "prior":
-        from .errors import ConfigError
         raise ConfigError("--label needs a sampler that knows the classes: learned, gmm or gaussian")
     if args.guidance is not None and args.sampler != "learned":
-        from .errors import ConfigError
         raise ConfigError(f"--guidance applies to --sampler learned only, not {args.sampler}; drop it or use learned")
     path = Path(args.run) / "checkpoints" / f"{args.checkpoint}.pt"
     model, cfg, ckpt = load_model(path)
@@ -263,10 +241,7 @@ def _fitted_sampler(args: argparse.Namespace, model, cfg, epoch: int, per_class:
 
 def cmd_prior(args: argparse.Namespace) -> int:
     """Train (or finish) the learned latent prior of an existing run."""
-    from pathlib import Path
 
-    from .config import Config
-    from .errors import ConfigError
     from .prior import fit_run_prior, prior_path
 
     cfg_path = Path(args.run) / "config.json"
@@ -289,7 +264,6 @@ def cmd_prior(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Reconstruction and sample metrics of a run on the test split -> RUN_DIR/metrics.json."""
-    from pathlib import Path
 
     from .evaluate import evaluate_run, metrics_table
 
@@ -319,9 +293,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     """Recipe vs original vs one-change variants on the same images and budget -> OUT/ablation.{md,json,png}."""
-    from pathlib import Path
 
-    from .ablation import ablation_base, ablation_table, run_ablation
+    from .ablation import ablation_table, run_ablation
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     base = ablation_base(args.preset, tuple(args.epochs), args.perceptual, args.set or [])
@@ -333,7 +306,6 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         features = None
     elif features is None:
         features = "auto"
-    from .errors import WeightsError
 
     t0 = time.perf_counter()
     try:
@@ -350,17 +322,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Data and training-step speed on this machine -> a table on stdout and JSON in --out."""
-    from pathlib import Path
 
     from .bench import bench_table, run_bench
-    from .files import atomic_write_bytes
+    from .runs import atomic_write_bytes
 
     if args.curve:
         return _bench_curve(args)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()] if args.settings else None
     perceptual = {"both": (False, True), "off": (False,), "on": (True,)}[args.perceptual]
     if args.repeats < 1 or args.batch < 1:
-        from .errors import ConfigError
         raise ConfigError(f"--repeats {args.repeats} and --batch {args.batch} must both be at least 1")
     res = run_bench(args.data, preset=args.preset, image_size=args.image_size, batch=args.batch,
                     repeats=args.repeats, settings=settings, perceptual=perceptual, kaggle_n=args.kaggle_n,
@@ -375,10 +345,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_curve(args: argparse.Namespace) -> int:
     """Time-to-quality of finished runs: a figure, a markdown table and JSON next to --out."""
-    from pathlib import Path
 
     from .bench import time_to_quality, time_to_quality_table
-    from .files import atomic_write_bytes
+    from .runs import atomic_write_bytes
     from .viz import time_to_quality_figure
 
     res = time_to_quality(args.curve)

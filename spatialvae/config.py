@@ -181,6 +181,13 @@ class Config:
             raise ConfigError("config JSON must be an object like {\"data\": {...}, \"model\": {...}}")
         return cls.from_dict(d)
 
+    def differences(self, other: "Config", ignore: tuple[str, ...] = ()) -> dict[str, tuple]:
+        """{dotted key: (self's value, other's value)} for every leaf that differs (``preset`` and
+        the keys in ``ignore`` left out)."""
+        a, b = flatten(self.to_dict()), flatten(other.to_dict())
+        skip = {"preset", *ignore}
+        return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)}
+
     # ---- overrides and validation ------------------------------------------------------
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "Config":
         """Return a copy with `section.key=value` overrides applied (as from `--set`)."""
@@ -467,3 +474,26 @@ def _set_path(cfg: Config, key: str, value: Any) -> None:
             setattr(obj, part, _coerce(tp, value, key))
         else:
             obj = getattr(obj, part)
+
+
+def perceptual_mode(cfg: Config) -> str:
+    """How the perceptual term runs, in words, for logs and results."""
+    lo = cfg.loss
+    if lo.perceptual_weight == 0:
+        return "perceptual term OFF (loss.perceptual_weight=0)"
+    if lo.vgg_weights == "random":
+        return "perceptual term uses RANDOM VGG16 features (explicit opt-in, not the recipe's ImageNet features)"
+    if lo.vgg_weights == "imagenet":
+        return "perceptual term uses VGG16 ImageNet weights"
+    return f"perceptual term uses VGG16 weights from {lo.vgg_weights}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict as {\"a.b.c\": leaf}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import time
 import warnings
 import zipfile
 from collections import Counter, defaultdict
@@ -33,11 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import cv2
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
+from tqdm.std import tqdm
 
 from .errors import DatasetError, short_reason
+from .runs import atomic_write
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 SPLITS = ("train", "val", "test")
@@ -264,7 +269,6 @@ def decode_grayscale(path: str, min_side: int = 0) -> tuple[np.ndarray, tuple[in
     images are converted with the ITU-R 601 luma weights, alpha is dropped.
     Raises ``OSError`` / ``ValueError`` for anything that is not a complete image.
     """
-    from PIL import Image
 
     with Image.open(path) as im:
         size, mode = im.size, im.mode
@@ -296,7 +300,6 @@ def preprocess(gray: np.ndarray, image_size: int, clahe_clip: float = 2.0, clahe
     The image is squashed to a square (not cropped) so both lung fields stay in view.
     ``clahe=False`` gives the resize alone (for before/after comparisons).
     """
-    import cv2
 
     eq = gray
     if clahe:
@@ -314,7 +317,6 @@ def _work_size(image_size: int) -> int:
 def _process_file(args: tuple[str, int, float, int]):
     path, image_size, clip, tiles = args
     try:
-        import cv2
         cv2.setNumThreads(1)  # one process per core already
         gray, size, mode = decode_grayscale(path, _work_size(image_size))
         return preprocess(gray, image_size, clip, tiles), size, mode, None
@@ -323,7 +325,6 @@ def _process_file(args: tuple[str, int, float, int]):
 
 
 def _unreadable_reason(path: str, e: Exception) -> str:
-    from PIL import UnidentifiedImageError
 
     try:
         if os.path.getsize(path) == 0:
@@ -399,7 +400,6 @@ def _load_cache(path: Path, entries: Sequence[FileEntry]) -> Optional[Preprocess
 
 def _save_cache(path: Path, split: PreprocessedSplit) -> None:
     """Atomic write (see `files.atomic_write`): a crash leaves no half-written cache file."""
-    from .files import atomic_write
 
     meta = json.dumps({"paths": split.paths, "modes": split.orig_modes, "skipped": split.skipped})
     atomic_write(path, lambda f: np.savez(f, images=split.images, orig_sizes=split.orig_sizes, meta=np.array(meta)))
@@ -412,7 +412,6 @@ def load_split(entries: Sequence[FileEntry], image_size: int, clahe_clip: float 
                cache_dir: str | os.PathLike | None = None, use_cache: bool = True, workers: Optional[int] = None,
                progress: bool = True, desc: str = "preprocess") -> PreprocessedSplit:
     """Decode + CLAHE + resize every file once (all cores), or load the result from the cache."""
-    import time
 
     key = cache_key(entries, image_size, clahe_clip, clahe_tiles)
     if use_cache and key in _MEMO:
@@ -456,20 +455,17 @@ class _OpenCVForkSafe:
     """
 
     def __enter__(self):
-        import cv2
 
         self.previous = cv2.getNumThreads()
         cv2.setNumThreads(1)
         return self
 
     def __exit__(self, *exc):
-        import cv2
 
         cv2.setNumThreads(self.previous)
 
 
 def _map_with_progress(fn, jobs: list, workers: int, progress: bool, desc: str) -> list:
-    from tqdm.std import tqdm  # plain text bar: renders in committed (headless) Kaggle runs too
 
     bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress or len(jobs) == 0,
                mininterval=1.0, dynamic_ncols=True)
@@ -624,3 +620,10 @@ def summarize(datasets: Iterable[ChestXRayDataset]) -> dict:
                 out["skipped"].append(p)
                 out["skip_reasons"][p] = ds.skip_reasons[p]
     return out
+
+
+def seeded_subset(n_total: int, k: int, seed: int) -> torch.Tensor:
+    """k distinct indices of range(n_total) (all of them when k >= n_total), sorted, reproducible."""
+    if k >= n_total:
+        return torch.arange(n_total)
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:k].sort().values

@@ -1,4 +1,6 @@
-"""The one training step, shared by the `Trainer` and `bench` (so `bench` times the step that trains).
+"""How tensors run: the one training step, autocast, eval mode, the default device and seeding.
+
+Shared by the `Trainer`, `bench`, `features` and the samplers (so `bench` times the step that trains)::
 
     forward (sampling the posterior) -> loss -> backward -> unscale -> clip -> optimizer step
 
@@ -8,12 +10,62 @@ bf16 a non-finite loss or gradient norm skips the step here and says why.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import random
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional
 
+import numpy as np
 import torch
 from torch import nn
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as given, else CUDA when there is one, else the CPU."""
+    if device is not None and str(device) != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """``with eval_mode(model):`` runs in eval mode (BatchNorm running stats, no dropout) and
+    restores the previous train/eval mode afterwards, also on an exception."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def gpu_warning(device: torch.device) -> Optional[str]:
+    """Kaggle's P100 (sm_60) has no kernels in current PyTorch builds: say so before a crash."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (7, 0):
+        name = torch.cuda.get_device_name(device)
+        arches = getattr(torch.cuda, "get_arch_list", lambda: [])()
+        if f"sm_{major}{minor}" not in arches:
+            return (f"GPU {name} (compute capability {major}.{minor}) is not supported by this PyTorch build "
+                    f"(kernels for {', '.join(arches) or 'unknown'}); on Kaggle choose 'GPU T4 x2' under "
+                    "Settings > Accelerator")
+    return None
+
+
+def amp_dtype_for(device: torch.device, enabled: bool) -> Optional[torch.dtype]:
+    """Mixed precision on CUDA only: bf16 where native (no GradScaler needed), else fp16; None = fp32."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):

@@ -27,243 +27,55 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .data import as_float_images
-from .errors import SpatialVAEError, WeightsError, short_reason
-from .metrics import (PSNR_CAP_DB, duplicate_count, l1, nearest_is_self, pca_reconstruct, psnr,  # noqa: F401
-                      ssim_score)
+from .config import perceptual_mode
+from .data import as_float_images, make_datasets, seeded_subset
+from .engine import default_device
+from .errors import SpatialVAEError
+from .features import domain_fd_kid, extract_features, feature_dim_ok, load_feature_net
+from .metrics import (
+    duplicate_count,
+    fid_kid,
+    inception_features,
+    l1,
+    load_inception,
+    nearest_is_self,
+    nearest_neighbour,
+    pairwise_ms_ssim,
+    pca_reconstruct,
+    psnr,
+    ssim_score,
+    summarize,
+)
 from .prior import load_prior, prior_path
-from .sampling import (CLASS_NAMES, PriorSampler, decode_latents, encode_originals, eval_mode, fit_sampler, generate,
-                       interpolate, save_grid, seeded_subset)
+from .runs import atomic_write_bytes, load_model
+from .sampling import (
+    CLASS_NAMES,
+    PriorSampler,
+    decode_latents,
+    encode_originals,
+    eval_mode,
+    fit_sampler,
+    generate,
+    interpolate,
+    save_grid,
+)
+from .tstr import LabelledImages, run_tstr
 
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")  # torch-fidelity's URL_INCEPTION_V3
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # its name in the torch hub cache
-INCEPTION_FEATURES = 2048  # pool3 features, the standard FID layer
-DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation: a firewalled network fails instead of hanging
 # Unconditional, then class-conditional (one fit per class, or the learned prior with labels, drawn
 # in the training class mix); learned_label_free is the learned prior's label-free model.
 SAMPLERS = ("prior", "aggregate_posterior", "gmm", "aggregate_posterior_per_class", "gmm_per_class", "learned",
             "learned_label_free")
 LEARNED = ("learned", "learned_label_free")  # need the run's checkpoints/prior.pt
 TSTR_SOURCES = ("aggregate_posterior_per_class", "gmm_per_class", "learned")  # class-conditional samplers
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-image metrics (images (N, C, H, W) in [0, 1])
-# ---------------------------------------------------------------------------------------------
-
-def ms_ssim_window(side: int) -> int:
-    """Gaussian window for pytorch-msssim's MS-SSIM at this image side.
-
-    ``pytorch_msssim.ms_ssim`` asserts ``side > (win_size - 1) * 16`` (its 4 downsamplings),
-    whatever the weights, so the default window 11 needs more than 160 px. We keep the standard 5
-    scales and weights and shrink the window instead: the largest odd window <= 11 that fits, i.e.
-    7 at 128 px and 3 at 64 px. Below 33 px even 3 does not fit (see `pairwise_ms_ssim`).
-    """
-    for win in range(11, 2, -2):
-        if side > (win - 1) * 16:
-            return win
-    return 3
-
-
-def _ms_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """MS-SSIM per image pair -> (N,). Images under 33 px are upsampled to 33 px first (bilinear),
-    the smallest side where the 3-px window fits: only smoke-sized runs hit this."""
-    from pytorch_msssim import ms_ssim
-
-    side = min(a.shape[-2:])
-    if side <= 32:
-        a = F.interpolate(a, size=(33, 33), mode="bilinear", align_corners=False)
-        b = F.interpolate(b, size=(33, 33), mode="bilinear", align_corners=False)
-        side = 33
-    return ms_ssim(a.float(), b.float(), data_range=1.0, size_average=False, win_size=ms_ssim_window(side))
-
-
-def pairwise_ms_ssim(images: torch.Tensor, max_images: int = 50, seed: int = 0, chunk: int = 256) -> dict:
-    """Mean MS-SSIM over all pairs of up to ``max_images`` images (a seeded subset).
-
-    A diversity measure: 1 means every image is the same; lower is more diverse.
-    """
-    idx = seeded_subset(len(images), max_images, seed)
-    x = images[idx].float()  # (k, C, H, W)
-    i, j = torch.triu_indices(len(x), len(x), offset=1)  # every unordered pair once
-    if len(i) == 0:
-        return {"mean": None, "n_images": len(x), "n_pairs": 0}
-    vals = torch.cat([_ms_ssim(x[i[s:s + chunk]], x[j[s:s + chunk]]) for s in range(0, len(i), chunk)])
-    return {"mean": float(vals.mean()), "std": float(vals.std()) if len(vals) > 1 else 0.0,
-            "n_images": len(x), "n_pairs": len(vals), "win_size": ms_ssim_window(max(33, min(x.shape[-2:])))}
-
-
-@torch.no_grad()
-def nearest_neighbour(queries: torch.Tensor, reference: torch.Tensor, flips: bool = True,
-                      query_chunk: int = 256, ref_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel RMSE from each query image to its nearest reference image -> (distance (M,), index (M,)).
-
-    ``reference`` may be the uint8 ``dataset.images`` (N, H, W): it is converted a chunk at a
-    time, so memory stays at a (query_chunk x ref_chunk) distance block. With ``flips`` the
-    mirrored query is compared too (training flipped images horizontally, so a mirrored copy of
-    a training image is memorisation as well). The nearest neighbour is found with the fast
-    ||q||^2 + ||r||^2 - 2 q.r expansion; its distance is then recomputed exactly (so a query
-    that is in the reference set gets exactly 0).
-    """
-    q_all = as_float_images(queries)  # (M, 1, H, W)
-    n_ref = len(reference)
-    best_d2 = torch.full((len(q_all),), math.inf)
-    best_i = torch.zeros(len(q_all), dtype=torch.long)
-    best_flip = torch.zeros(len(q_all), dtype=torch.bool)
-    for qs in range(0, len(q_all), query_chunk):
-        q = q_all[qs:qs + query_chunk]
-        variants = [q.flatten(1)] + ([q.flip(-1).flatten(1)] if flips else [])  # each (m, D)
-        norms = [v.pow(2).sum(1, keepdim=True) for v in variants]  # each (m, 1)
-        sl = slice(qs, qs + len(q))
-        for rs in range(0, n_ref, ref_chunk):
-            r = as_float_images(reference[rs:rs + ref_chunk]).flatten(1)  # (n, D)
-            r2 = r.pow(2).sum(1)  # (n,)
-            for flipped, (v, v2) in enumerate(zip(variants, norms)):
-                d, i = (v2 + r2 - 2 * v @ r.T).min(1)  # squared distances (m, n) -> nearest (m,)
-                better = d < best_d2[sl]
-                best_d2[sl] = torch.where(better, d, best_d2[sl])
-                best_i[sl] = torch.where(better, i + rs, best_i[sl])
-                best_flip[sl] = torch.where(better, torch.tensor(bool(flipped)), best_flip[sl])
-    nearest = as_float_images(reference[best_i])  # (M, 1, H, W)
-    q_used = torch.where(best_flip.view(-1, 1, 1, 1), q_all.flip(-1), q_all)
-    dist = (q_used - nearest).pow(2).flatten(1).mean(1).sqrt()  # exact RMSE, (M,)
-    return dist, best_i
-
-
-def summarize(values: torch.Tensor) -> dict:
-    v = values.double()
-    return {"mean": float(v.mean()), "median": float(v.median()), "min": float(v.min()), "max": float(v.max())}
-
-
-# ---------------------------------------------------------------------------------------------
-# Inception features, FID and KID
-# ---------------------------------------------------------------------------------------------
-
-def inception_cache_path() -> Path:
-    """Where torch hub (and so torch-fidelity) keeps the FID Inception weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-
-
-def _download_inception(dst: Path) -> None:
-    """Download the weights into the hub cache, hash-checked, with a socket timeout.
-
-    torch hub's own download has no timeout, so on a network that drops packets it would hang;
-    the default socket timeout bounds every connect/read instead (and is restored afterwards).
-    Offline with no DNS (this machine, Kaggle with internet off) it fails in well under a second.
-    """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        # The file name carries the first 8 hex digits of its SHA-256, torch hub's convention.
-        torch.hub.download_url_to_file(INCEPTION_URL, str(dst), hash_prefix=INCEPTION_FILE.rsplit("-", 1)[1][:8],
-                                       progress=False)
-    finally:
-        socket.setdefaulttimeout(old)
-
-
-def load_inception(spec: str = "auto") -> tuple[Optional[nn.Module], Optional[str], Optional[str]]:
-    """The FID InceptionV3 feature extractor -> (module or None, weights path, reason if None).
-
-    spec: "off" (skip), "auto" (the torch hub cache, downloaded there if missing; a failure is
-    reported, not raised), or a path to ``weights-inception-2015-12-05-6726825d.pth`` (a failure
-    raises WeightsError: an explicit file that cannot be used is a user error). The file is first
-    read with ``torch.load(weights_only=True)``, so nothing in it is executed, before
-    torch-fidelity loads it.
-    """
-    if spec == "off":
-        return None, None, "skipped (inception='off')"
-    explicit = spec != "auto"
-    path = Path(os.path.expandvars(spec)).expanduser() if explicit else inception_cache_path()
-    fix = (f"put {INCEPTION_FILE} in {path.parent} ($TORCH_HOME/hub/checkpoints) or pass "
-           "inception=PATH (e.g. a Kaggle dataset), or turn internet on")
-    if explicit and not path.is_file():
-        raise WeightsError(f"inception={spec!r} is not a file; pass the path of {INCEPTION_FILE}, 'auto' or 'off'")
-    if not path.is_file():
-        t0 = time.perf_counter()
-        try:
-            _download_inception(path)
-        except Exception as e:  # URLError, timeout, hash mismatch, ...
-            return None, None, (f"Inception weights not cached at {path} and the download failed after "
-                                f"{time.perf_counter() - t0:.2f} s ({short_reason(e)}); {fix}")
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
-                                 feature_extractor_weights_path=str(path))
-    except Exception as e:  # corrupt/truncated file, torch-fidelity missing, ...
-        if explicit:
-            raise WeightsError(f"cannot use Inception weights {path} ({short_reason(e)}); {fix}") from e
-        return None, None, f"cannot use Inception weights {path} ({short_reason(e)}); {fix}"
-    return net, str(path), None
-
-
-@torch.no_grad()
-def inception_features(net: nn.Module, images: torch.Tensor, batch_size: int = 64,
-                       device: torch.device | str = "cpu", progress: bool = False, desc: str = "inception") -> torch.Tensor:
-    """Images (N, 1, H, W) in [0, 1] (or uint8 (N, H, W)) -> pool3 features (N, 2048) on the CPU.
-
-    Exactly what torchmetrics' FID/KID do with ``normalize=True`` (``(x * 255).byte()``), with
-    the grayscale channel repeated to RGB; torch-fidelity resizes to 299 px inside.
-    """
-    from tqdm.std import tqdm
-
-    net = net.to(device)
-    out = []
-    for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False, file=sys.stderr):
-        x = as_float_images(images[s:s + batch_size])  # (B, 1, H, W)
-        x = (x.clamp(0, 1) * 255).byte().repeat(1, 3, 1, 1)  # (B, 3, H, W) uint8
-        out.append(net(x.to(device)).double().cpu())  # (B, 2048)
-    return torch.cat(out)
-
-
-class _Precomputed(nn.Identity):
-    """A 'feature extractor' that passes features through, so torchmetrics computes FID/KID from
-    features extracted once per image set (the test features serve every comparison)."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, kid_subsets: int = 100) -> dict:
-    """FID and KID (torchmetrics) between two feature sets (N, D) and (M, D).
-
-    KID uses subsets of min(1000, N/2, M/2) images (torchmetrics' default 1000 exceeds the 624 test
-    images, and subsets as large as the set would all be the same, giving a std of 0), drawn under
-    a fixed seed, without touching the global RNG.
-    """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    d = real.shape[1]
-    fid = FrechetInceptionDistance(feature=_Precomputed(d))
-    fid.update(real.double(), real=True)
-    fid.update(fake.double(), real=False)
-    with warnings.catch_warnings():  # "will save all extracted features": 2 x 624 x 2048 doubles is 20 MB
-        warnings.filterwarnings("ignore", message=".*save all extracted features.*")
-        kid = KernelInceptionDistance(feature=_Precomputed(d), subsets=kid_subsets,
-                                      subset_size=max(2, min(1000, len(real) // 2, len(fake) // 2)))
-    kid.update(real.double(), real=True)
-    kid.update(fake.double(), real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +230,6 @@ def decoder_floor(model: nn.Module, train_mu: torch.Tensor, ref_b: torch.Tensor,
     so the same N and images as the real train-vs-train floor): a sampler that reproduced the
     training latents exactly would score this. ``test_reconstructions_fd_vs_train``: the test
     split's reconstructions, which also carry the test split's shift from train (class mix)."""
-    from .features import domain_fd_kid, extract_features
 
     recon_b = decode_latents(model, train_mu[ref_b])
     fd_b = domain_fd_kid(dom_ref_a, extract_features(domain_net, recon_b, size, device=device), seed)
@@ -430,7 +241,6 @@ def decoder_floor(model: nn.Module, train_mu: torch.Tensor, ref_b: torch.Tensor,
 def tstr_block(model: nn.Module, samplers: dict, splits, test_u8: torch.Tensor, per_class: int, seed: int,
                batch_size: int, progress: bool, repeats: int = 3) -> dict:
     """Train-on-synthetic, test-on-real for the class-conditional samplers (see `spatialvae.tstr`)."""
-    from .tstr import LabelledImages, run_tstr
 
     def source(sampler):
         return lambda labels, s: generate(model, sampler, len(labels), torch.Generator().manual_seed(s), batch_size,
@@ -480,7 +290,6 @@ def _domain_references(domain_net, domain_info: dict, features_path, train_u8: t
     The extractor is a classifier, so its features (and the FD) react strongly to the class mix.
     Two references: train vs test (what a perfect copy of the training distribution scores against
     the test split), and two disjoint halves of train (the floor for FD against train itself)."""
-    from .features import domain_fd_kid, extract_features, feature_dim_ok
 
     size = domain_info["config"].image_size
     dom_test = extract_features(domain_net, test_u8, size, device=device)
@@ -516,7 +325,6 @@ class _SampleScorer:
     domain: Optional[_DomainRefs]
 
     def score(self, name: str, images: torch.Tensor) -> dict:
-        from .features import domain_fd_kid, extract_features
 
         res: dict = {"fid": None, "kid_mean": None, "kid_std": None}
         if self.inception is not None:
@@ -537,13 +345,11 @@ def _load_feature_file(features_path) -> tuple:
     """The X-ray feature extractor (domain FD) from a `features` file, or (None, None)."""
     if features_path is None:
         return None, None
-    from .features import load_feature_net  # features imports this module: a cycle at load time
     return load_feature_net(features_path)
 
 
 def _evaluation_data(cfg, data_root, n_samples: Optional[int], progress: bool):
     """The run's splits (``data_root`` overrides its folder) and the number of images per sampler."""
-    from .data import make_datasets
 
     if data_root is not None:
         cfg.data.root = str(data_root)
@@ -556,7 +362,6 @@ def _evaluation_data(cfg, data_root, n_samples: Optional[int], progress: bool):
 
 def _write_metrics(run_dir: Path, metrics: dict) -> dict:
     """NaN/inf -> null, then run_dir/metrics.json atomically; returns what was written."""
-    from .files import atomic_write_bytes
 
     metrics = _json_safe(metrics)
     atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
@@ -620,7 +425,6 @@ def _sampler_row(name: str, model: nn.Module, prior, train_mu: torch.Tensor, tra
 def _run_header(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, model: nn.Module, device, splits, n_gen: int,
                 n_samples: Optional[int]) -> dict:
     """What was evaluated: run, checkpoint, config, device, data and the number of samples."""
-    from .training import perceptual_mode
 
     return {
         "run_dir": str(run_dir),
@@ -670,7 +474,6 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     KID (per sampler, the real floors and the decoder's floor). tstr_per_class: images per class for
     train-on-synthetic-test-on-real (0 skips it). seed: every random choice (samples, subsets, KID).
     """
-    from .training import default_device, load_model
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir)

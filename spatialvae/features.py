@@ -25,9 +25,15 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.functional import gaussian_blur
+from tqdm.std import tqdm
 
-from .data import as_float_images
+from .config import DataConfig
+from .data import as_float_images, make_datasets
+from .engine import seed_everything
 from .errors import CheckpointError, SpatialVAEError, short_reason
+from .metrics import fid_kid
+from .runs import atomic_torch_save
 
 FEATURES_VERSION = 1
 
@@ -122,7 +128,6 @@ def train_feature_net(train, val, test, cfg: Optional[FeatureNetConfig] = None,
     The classes are imbalanced (about 1:3 NORMAL:PNEUMONIA), so the loss is class-weighted and the
     checkpoint is chosen by balanced accuracy. Returns ``(net, info)``.
     """
-    from tqdm.std import tqdm
 
     cfg = cfg or FeatureNetConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -197,7 +202,6 @@ def extract_features(net: XRayFeatureNet, images: torch.Tensor, image_size: int,
 
 def domain_fd_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict:
     """Fréchet distance and KID in the X-ray feature space (torchmetrics, as for FID)."""
-    from .evaluate import fid_kid
 
     r = fid_kid(real, fake, seed)
     return {"fd": r["fid"], "kid_mean": r["kid_mean"], "kid_std": r["kid_std"]}
@@ -205,7 +209,6 @@ def domain_fd_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict
 
 def degraded_versions(images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
     """Obviously worse images for the sanity check: blurred, noised, and pure noise (all [0, 1])."""
-    from torchvision.transforms.functional import gaussian_blur
 
     g = torch.Generator().manual_seed(seed)
     side = images.shape[-1]
@@ -234,7 +237,6 @@ def sanity_check(net: XRayFeatureNet, reference: torch.Tensor, test: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 
 def save_feature_net(path: str | os.PathLike, net: XRayFeatureNet, info: dict) -> Path:
-    from .training import atomic_torch_save
 
     path = Path(path)
     atomic_torch_save({"version": FEATURES_VERSION, "kind": "spatialvae-xray-features",
@@ -272,9 +274,6 @@ def build_features_file(data_root, out: str | os.PathLike, image_size: int = 64,
                         cache_dir: str | os.PathLike | None = None) -> dict:
     """The `features` command: data (same preprocessing and splits as the VAE), training, floor,
     sanity check, file. Returns the info dict that was saved."""
-    from .config import DataConfig
-    from .data import make_datasets
-    from .training import seed_everything
 
     log = log or (lambda msg: print(msg, flush=True))
     cfg = FeatureNetConfig(image_size=image_size, seed=seed)

@@ -32,6 +32,9 @@ from typing import Dict, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pytorch_msssim import ssim
+from torchvision.models import VGG16_Weights
+from torchvision.models.vgg import cfgs, make_layers
 
 from .config import Config, LossConfig
 from .errors import ConfigError, WeightsError, short_reason
@@ -94,7 +97,6 @@ class SSIMLoss(nn.Module):
         self.window, self.sigma = window, sigma
 
     def forward(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        from pytorch_msssim import ssim
 
         win = ssim_window_for(min(x.shape[-2:]), self.window)
         # fp32: SSIM divides small variances; fp16 under autocast loses them.
@@ -116,7 +118,6 @@ def _weights_help(problem: str) -> str:
 
 
 def _vgg16_features_module() -> nn.Sequential:
-    from torchvision.models.vgg import cfgs, make_layers
 
     return make_layers(cfgs["D"], batch_norm=False)  # == vgg16().features, without the 120M-param classifier
 
@@ -157,7 +158,6 @@ def load_vgg16_features(weights: str = "imagenet") -> nn.Sequential:
         return features
 
     if weights == "imagenet":
-        from torchvision.models import VGG16_Weights
 
         try:
             sd = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)

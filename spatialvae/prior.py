@@ -30,13 +30,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.std import tqdm
 
 from .config import Config, PriorConfig
 from .data import make_datasets
+from .engine import default_device
 from .errors import CheckpointError, SpatialVAEError, short_reason
-from .files import atomic_torch_save
+from .runs import atomic_torch_save, load_model
 from .sampling import encode_originals
-from .training import default_device, load_model
 
 PRIOR_VERSION = 1
 N_CLASSES = 2  # NORMAL, PNEUMONIA; index 2 is "no label"
@@ -297,7 +298,6 @@ class _PriorTrainer:
         return float(self.loss(self.prior.net, x1, y, torch.Generator().manual_seed(0)))
 
     def run(self, val_latents, val_labels, progress: bool, log, save) -> None:
-        from tqdm.std import tqdm  # the plain-text bar, as in training.py
 
         c = self.c
         t0 = time.perf_counter() - self.prior.train_seconds

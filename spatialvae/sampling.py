@@ -20,16 +20,18 @@ from __future__ import annotations
 import math
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.std import tqdm
 
+from .engine import eval_mode
 from .errors import SpatialVAEError
-from .viz import image_grid, save_png
-
+from .viz import image_grid, sample_sheet, save_png
 
 # ---------------------------------------------------------------------------------------------
 # Latent samplers
@@ -285,20 +287,6 @@ def _images_of(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-class eval_mode:
-    """``with eval_mode(model):`` runs in eval mode (BatchNorm running stats) and restores the mode."""
-
-    def __init__(self, model: nn.Module):
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-
-
 @torch.no_grad()
 def encode_dataset(model: nn.Module, dataset: Dataset | torch.Tensor, batch_size: int = 64,
                    device: torch.device | str | None = None, progress: bool = False) -> torch.Tensor:
@@ -307,8 +295,6 @@ def encode_dataset(model: nn.Module, dataset: Dataset | torch.Tensor, batch_size
     ``dataset`` yields ``(image, label)`` (a ChestXRayDataset) or is an image tensor (N, 1, H, W).
     The model runs in eval mode without gradients, on ``device`` (default: where it is).
     """
-    from tqdm.std import tqdm
-
     device = torch.device(device) if device is not None else _model_device(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out = []
@@ -372,13 +358,24 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> P
     return save_png(image_grid(images, nrow=nrow), path)
 
 
-def seeded_subset(n_total: int, k: int, seed: int) -> torch.Tensor:
-    """k distinct indices of range(n_total) (all of them when k >= n_total), sorted, reproducible."""
-    if k >= n_total:
-        return torch.arange(n_total)
-    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+@torch.no_grad()
+def epoch_sheet(model: nn.Module, val_data: Optional[Dataset], n: int, generator: torch.Generator,
+                autocast=nullcontext) -> torch.Tensor:
+    """The training grid: ``n`` samples on top, up to 16 validation originals / reconstructions below.
+
+    The samples decode a full-covariance Gaussian fitted to the validation set's posterior means
+    (the aggregate posterior): with the per-value KL the latent does not fill N(0, I), and prior
+    noise decodes to noise. Without (enough) validation data they decode N(0, I)."""
+    if val_data is None or len(val_data) < 2:
+        with autocast():
+            return sample_sheet(model.sample(n, generator=generator).float().cpu())
+    latents = encode_dataset(model, val_data, batch_size=64)
+    samples = decode_latents(model, GaussianSampler().fit(latents).sample(n, generator=generator))
+    k = min(16, len(val_data))
+    originals = torch.stack([val_data[i][0] for i in range(k)])
+    return sample_sheet(samples, originals, decode_latents(model, latents[:k]))
 
 
 __all__ = ["PriorSampler", "GaussianSampler", "GMMSampler", "PerClass", "fit_sampler", "parse_label_mix",
            "CLASS_NAMES", "encode_dataset", "encode_originals", "decode_latents", "generate", "interpolate",
-           "save_grid", "seeded_subset", "eval_mode"]
+           "save_grid", "epoch_sheet"]

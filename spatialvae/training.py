@@ -11,43 +11,57 @@ with beta annealed linearly and ReduceLROnPlateau. `Trainer` owns one run folder
       checkpoints/last.pt     every epoch: model, optimizer, scheduler, scaler, RNG, history, config
       checkpoints/best.pt     lowest validation loss at the final beta (see `Trainer.evaluate`)
 
-Checkpoints are written atomically (temp file + ``os.replace``) and read with
-``torch.load(weights_only=True)``: nothing in a checkpoint is executed. Resuming continues at the
+Checkpoints are written atomically and read with ``torch.load(weights_only=True)`` (see
+`spatialvae.runs`): nothing in a checkpoint is executed. Resuming continues at the
 next epoch with the same optimizer, scheduler, RNG and shuffling state, so an interrupted run ends
 with the same weights as one that never stopped (on CPU, where kernels are deterministic).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import logging
 import math
 import os
-import random
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from tqdm.std import (
+    tqdm,  # the plain-text bar: also readable in a committed Kaggle run's log
+)
 
-from .config import Config, PhaseConfig, TrainConfig
+from . import distributed
+from .config import Config, PhaseConfig, TrainConfig, perceptual_mode
 from .data import make_dataloader
-from .engine import autocast_context, train_step
+from .engine import (
+    amp_dtype_for,
+    autocast_context,
+    default_device,
+    eval_mode,
+    gpu_warning,
+    seed_everything,
+    train_step,
+)
 from .errors import CheckpointError, SpatialVAEError, short_reason
-from .files import atomic_torch_save, atomic_write_bytes  # noqa: F401 - re-exported
-from .metrics import psnr, ssim_score
-
-CHECKPOINT_VERSION = 2  # 2: model.shortcut, model.logvar_init and kl_reduction=mean became the defaults
-# Keys a version-1 checkpoint's config lacks, with the values it was trained with.
-_V1_DEFAULTS = {"model": {"shortcut": "conv", "logvar_init": None}, "loss": {"kl_reduction": "sum"}}
+from .losses import build_loss
+from .metrics import reconstruction_scores
+from .model import build_model
+from .runs import (
+    CHECKPOINT_VERSION,
+    atomic_torch_save,
+    atomic_write_bytes,
+    check_compatible,
+    config_from_checkpoint,
+    load_checkpoint,
+    make_logger,
+    write_history_csv,
+)
+from .sampling import epoch_sheet
+from .viz import save_png
 
 
 class TrainingDivergedError(SpatialVAEError):
@@ -85,186 +99,72 @@ def final_beta(cfg: TrainConfig) -> float:
     return get_beta(total_epochs(cfg) - 1, cfg)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Run folders and atomic files
-# ---------------------------------------------------------------------------------------------
-
-def create_run_dir(out: str | os.PathLike, name: str) -> Path:
-    """``out/NNN-name`` with NNN one more than the highest existing number (DiT-style)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name.split("-", 1)[0]) for p in out.iterdir() if p.is_dir() and p.name[:3].isdigit()]
-    index = max(taken, default=-1) + 1
-    while True:
-        run = out / f"{index:03d}-{name}"
-        try:
-            run.mkdir()
-            return run
-        except FileExistsError:  # another process took it: try the next number
-            index += 1
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint safely (tensors and plain containers only; no code is executed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; check the run folder (checkpoints/last.pt or best.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - corrupt, truncated or unsafe pickle
-        raise CheckpointError(f"cannot read checkpoint {path} ({short_reason(e)}); it is corrupt or not a spatialvae "
-                              "checkpoint: resume from another file or start a new run") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} is not a spatialvae checkpoint (no model/config entries)")
-    return ckpt
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """The model a checkpoint holds, rebuilt from its own config, in eval mode -> (model, cfg, ckpt)."""
-    from .model import build_model
-
-    ckpt = load_checkpoint(path)
-    cfg = config_from_checkpoint(ckpt)
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit its own config ({short_reason(e)})") from None
-    return model.to(device).eval(), cfg, ckpt
-
-
-def config_from_checkpoint(ckpt: dict) -> Config:
-    d = ckpt["config"]
-    if int(ckpt.get("version", 1)) < 2 and isinstance(d, dict):  # written before the defaults changed
-        d = {**d, **{sec: {**_V1_DEFAULTS[sec], **d.get(sec, {})} for sec in _V1_DEFAULTS}}
-    try:
-        return Config.from_dict(d)
-    except ValueError as e:
-        raise CheckpointError(f"the checkpoint's config is not valid for this version of spatialvae: {e}") from None
-
-
-def _architecture(cfg: Config) -> dict:
-    return {"data.image_size": cfg.data.image_size, **{f"model.{k}": v for k, v in asdict(cfg.model).items()}}
-
-
-def check_compatible(ckpt_cfg: Config, cfg: Config, path) -> None:
-    """Same architecture, or one clear error naming what differs."""
-    a, b = _architecture(ckpt_cfg), _architecture(cfg)
-    diff = [f"{k}: checkpoint {a[k]!r} vs config {b[k]!r}" for k in a if a[k] != b.get(k)]
-    if diff:
-        raise CheckpointError(f"checkpoint {path} is from an incompatible config ({'; '.join(diff)}); "
-                              "resume with the run's own config.json or start a new run")
-
-
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def gpu_warning(device: torch.device) -> Optional[str]:
-    """Kaggle's P100 (sm_60) has no kernels in current PyTorch builds: say so before a crash."""
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (7, 0):
-        name = torch.cuda.get_device_name(device)
-        arches = getattr(torch.cuda, "get_arch_list", lambda: [])()
-        if f"sm_{major}{minor}" not in arches:
-            return (f"GPU {name} (compute capability {major}.{minor}) is not supported by this PyTorch build "
-                    f"(kernels for {', '.join(arches) or 'unknown'}); on Kaggle choose 'GPU T4 x2' under "
-                    "Settings > Accelerator")
-    return None
-
-
 class Trainer:
     """Trains a VAE on datasets passed in: ``fit()``, ``train_epoch()``, ``evaluate()``,
     ``save()``, ``load()``. Works on CPU (fp32) and CUDA (fp16/bf16 autocast), alone or under
-    torchrun (DistributedDataParallel; rank 0 writes every file).
+    torchrun (DistributedDataParallel, see `spatialvae.distributed`; rank 0 writes every file).
+    ``monitor_data`` (the test split in time-to-quality runs) is only watched, never used to select.
     """
 
     def __init__(self, model: nn.Module, loss: nn.Module, train_data: Dataset, val_data: Optional[Dataset],
                  config: Config, run_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                 progress: bool = True, log: Optional[logging.Logger] = None,
-                 monitor_data: Optional[Dataset] = None):
-        self.cfg = config
-        t = config.train
-        self.device = torch.device(device) if device is not None else default_device()
-        self.rank, self.world_size = _dist_info()
+                 progress: bool = True, monitor_data: Optional[Dataset] = None):
+        self.cfg, t = config, config.train
+        self.device = default_device(device)
+        self.rank, self.world_size = distributed.dist_info()
         self.is_main = self.rank == 0
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress and self.is_main
-        self.log = log or make_logger(self.run_dir if self.is_main else None)
+        self.log = make_logger(self.run_dir if self.is_main else None)
         if self.is_main and (msg := gpu_warning(self.device)):
             self.log.warning("warning: " + msg)
             warnings.warn(msg)
-
-        self.raw_model = model.to(self.device)
-        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-        if t.channels_last:
-            self.raw_model = self.raw_model.to(memory_format=torch.channels_last)
-        self.model: nn.Module = self.raw_model
-        if self.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
-        if t.compile:
-            self.model = torch.compile(self.model)
+        self._place_model(model)
         self.loss_fn = loss.to(self.device)
-
-        # Mixed precision on CUDA only: bf16 where native (no scaler needed), else fp16 + GradScaler.
-        cuda = self.device.type == "cuda"
-        self.amp_dtype = None
-        if cuda and t.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = amp_dtype_for(self.device, t.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-
-        self.train_data, self.val_data = train_data, val_data
-        # Only watched (PSNR / SSIM per epoch, for time-to-quality curves), never used to select.
-        self.monitor_data = monitor_data
-        batch = config.data.batch_size
-        if batch % self.world_size:
-            raise SpatialVAEError(f"data.batch_size={batch} is not divisible by {self.world_size} processes; "
-                                  "the global batch is split evenly across GPUs")
-        self.batch_per_rank = batch // self.world_size
-        if self.world_size > 1:
-            self.train_sampler = DistributedSampler(train_data, self.world_size, self.rank, shuffle=True,
-                                                    seed=t.seed, drop_last=True)
-        else:
-            self._shuffle_gen = torch.Generator()
-            self.train_sampler = RandomSampler(train_data, generator=self._shuffle_gen)
-        workers = config.data.num_workers
-        self.train_loader = make_dataloader(train_data, self.batch_per_rank, train=True, num_workers=workers,
-                                            device=self.device, sampler=self.train_sampler)
-        if len(self.train_loader) == 0:
-            raise SpatialVAEError(f"the training split has {len(train_data)} images, fewer than one batch of "
-                                  f"{batch}; lower data.batch_size or use more images")
-        self.val_loader = None if val_data is None else make_dataloader(
-            val_data, batch, train=False, num_workers=workers, device=self.device)
-
+        self.train_data, self.val_data, self.monitor_data = train_data, val_data, monitor_data
+        self._make_loaders()
         first = t.phase1 if t.phase1.epochs > 0 else t.phase2
         self.optimizer = torch.optim.AdamW(self.raw_model.parameters(), lr=first.lr, weight_decay=t.weight_decay)
-        self.scheduler = None
-        self.scheduler_phase = 0
+        self.scheduler, self.scheduler_phase = None, 0
         self.epoch = 0  # the next epoch to run, global and 0-based
         self.history: list[dict] = []
         self.best_val = math.inf
-        self.nonfinite_total = 0
-        self._bad_in_a_row = 0
-        self._sample_gen_seed = t.seed + 12345  # fixed prior draws: grids from epoch to epoch are comparable
+        self.nonfinite_total, self._bad_in_a_row = 0, 0
+        self._sample_gen_seed = t.seed + 12345  # fixed draws: grids from epoch to epoch are comparable
+
+    def _place_model(self, model: nn.Module) -> None:
+        """``raw_model`` on the device (channels_last if asked); ``model`` is what runs: DDP / compiled."""
+        t = self.cfg.train
+        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.raw_model = model.to(self.device, memory_format=self.memory_format)
+        self.model: nn.Module = distributed.wrap_model(self.raw_model, self.device)
+        if t.compile:
+            self.model = torch.compile(self.model)
+
+    def _make_loaders(self) -> None:
+        batch, workers = self.cfg.data.batch_size, self.cfg.data.num_workers
+        if batch % self.world_size:
+            raise SpatialVAEError(f"data.batch_size={batch} is not divisible by {self.world_size} processes; "
+                                  "the global batch is split evenly across GPUs")
+        if self.world_size > 1:
+            self.train_sampler = DistributedSampler(self.train_data, self.world_size, self.rank, shuffle=True,
+                                                    seed=self.cfg.train.seed, drop_last=True)
+        else:
+            self._shuffle_gen = torch.Generator()
+            self.train_sampler = RandomSampler(self.train_data, generator=self._shuffle_gen)
+        self.train_loader = make_dataloader(self.train_data, batch // self.world_size, train=True, num_workers=workers,
+                                            device=self.device, sampler=self.train_sampler)
+        if len(self.train_loader) == 0:
+            raise SpatialVAEError(f"the training split has {len(self.train_data)} images, fewer than one batch of "
+                                  f"{batch}; lower data.batch_size or use more images")
+        self.val_loader = None if self.val_data is None else make_dataloader(
+            self.val_data, batch, train=False, num_workers=workers, device=self.device)
 
     # ---- phases ------------------------------------------------------------------------------
     def _enter_phase(self, phase: int) -> None:
@@ -286,6 +186,9 @@ class Trainer:
     def _autocast(self):
         return autocast_context(self.device, self.amp_dtype)
 
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
     def _set_epoch(self, epoch: int) -> None:
         if hasattr(self.train_data, "set_epoch"):
             self.train_data.set_epoch(epoch)  # flips
@@ -300,41 +203,28 @@ class Trainer:
         self._set_epoch(self.epoch)
         self.model.train()
         self.loss_fn.train()
-        sums: dict[str, torch.Tensor] = {}
-        n_seen = 0
+        sums, n_seen = {}, 0
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        from tqdm.std import tqdm  # plain text bar: also readable in a committed Kaggle run's log
-
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{total_epochs(self.cfg.train)}",
                    disable=not self.progress, leave=False, dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
         for step, (x, _) in enumerate(bar):
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            x = self._to_device(x)
             res = train_step(self.model, self.loss_fn, self.optimizer, self.scaler, x, beta, self.cfg.train.grad_clip,
-                             params, autocast=self._autocast, all_finite=self._all_finite)
+                             params, autocast=self._autocast, all_finite=lambda v: distributed.all_true(v.isfinite().all()))
             if res.skipped:
                 self._skip_step(res.skipped)
                 continue
-            parts = res.parts
             self._bad_in_a_row = 0
-            b = x.shape[0]
-            n_seen += b
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.float() * b
+            n_seen += x.shape[0]
+            for k, v in res.parts.items():
+                sums[k] = sums.get(k, 0.0) + v.float() * x.shape[0]
             if self.progress and step % 10 == 0:
-                bar.set_postfix(loss=f"{float(parts['total']):.4f}", beta=f"{beta:.1e}")
+                bar.set_postfix(loss=f"{float(res.parts['total']):.4f}", beta=f"{beta:.1e}")
         bar.close()
         if n_seen == 0:
             raise TrainingDivergedError(f"no finite training step in epoch {self.epoch + 1}; lower the learning "
                                         "rate or turn off AMP (train.amp=false)")
-        out = {k: float(v) / n_seen for k, v in sums.items()}
-        out["images"] = n_seen * self.world_size
-        return out
-
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        ok = torch.isfinite(value.detach()).all().float().reshape(1)
-        if self.world_size > 1:  # every rank must skip together, or DDP's all-reduce would hang
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
+        return {**{k: float(v) / n_seen for k, v in sums.items()}, "images": n_seen * self.world_size}
 
     def _skip_step(self, why: str) -> None:
         self.nonfinite_total += 1
@@ -360,49 +250,33 @@ class Trainer:
         loader = self.val_loader if data is None else DataLoader(data, batch_size=self.cfg.data.batch_size)
         if loader is None:
             return {}
-        was_training = self.raw_model.training
-        self.raw_model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        n = 0
-        for x, _ in loader:
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            with self._autocast():
-                recon, mu, logvar = self.raw_model(x, sample_posterior=False)
-                _, parts = self.loss_fn(recon, x, mu, logvar, beta)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.float() * x.shape[0]
-            n += x.shape[0]
-        self.raw_model.train(was_training)
+        sums, n = {}, 0
+        with eval_mode(self.raw_model):
+            for x, _ in loader:
+                x = self._to_device(x)
+                with self._autocast():
+                    recon, mu, logvar = self.raw_model(x, sample_posterior=False)
+                    _, parts = self.loss_fn(recon, x, mu, logvar, beta)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.float() * x.shape[0]
+                n += x.shape[0]
         out = {k: float(v) / n for k, v in sums.items()}
         out["select"] = out["total"] - beta * out["kl"] + final_beta(self.cfg.train) * out["kl"]
         return out
 
-    @torch.no_grad()
     def monitor(self) -> dict:
-        """PSNR / SSIM of posterior-mean reconstructions of ``monitor_data`` (the test split in
-        time-to-quality runs) -> {monitor_psnr, monitor_ssim, monitor_seconds}. Its time is kept
-        apart from ``seconds``, so a watched run's clock is the same as an unwatched one's."""
+        """PSNR / SSIM of ``monitor_data`` reconstructions -> {monitor_psnr, monitor_ssim, monitor_seconds}.
+        Its time is kept apart from ``seconds``, so a watched run's clock is the same as an unwatched one's."""
         t0 = time.perf_counter()
-        loader = DataLoader(self.monitor_data, batch_size=max(64, self.cfg.data.batch_size))
-        was_training = self.raw_model.training
-        self.raw_model.eval()
-        p, s = [], []
-        for x, _ in loader:
-            x = x.to(self.device).contiguous(memory_format=self.memory_format)
-            with self._autocast():
-                recon = self.raw_model(x, sample_posterior=False)[0].float().clamp(0, 1)
-            p.append(psnr(recon, x).cpu())
-            s.append(ssim_score(recon, x).cpu())
-        self.raw_model.train(was_training)
-        return {"monitor_psnr": float(torch.cat(p).mean()), "monitor_ssim": float(torch.cat(s).mean()),
-                "monitor_seconds": time.perf_counter() - t0}
+        r = reconstruction_scores(self.raw_model, self.monitor_data, max(64, self.cfg.data.batch_size),
+                                  prepare=self._to_device, autocast=self._autocast)
+        return {"monitor_psnr": r["psnr"], "monitor_ssim": r["ssim"], "monitor_seconds": time.perf_counter() - t0}
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self, until_epoch: Optional[int] = None) -> list[dict]:
         """Run the remaining epochs of both phases (or stop once ``until_epoch`` epochs are done,
         e.g. to train a notebook session in chunks); returns the history, one dict per epoch."""
-        t = self.cfg.train
-        n_total = total_epochs(t)
+        n_total = total_epochs(self.cfg.train)
         stop = n_total if until_epoch is None else min(n_total, until_epoch)
         if self.is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -410,88 +284,57 @@ class Trainer:
             if self.epoch == 0:
                 self.log.info(describe_run(self))
         while self.epoch < stop:
-            phase, phase_epoch, p = phase_at(self.epoch, t)
-            self._enter_phase(phase)
-            beta = get_beta(self.epoch, t)
-            lr = self.lr
-            t0 = time.perf_counter()
-            train = self.train_epoch(beta)
-            train_seconds = time.perf_counter() - t0
-            val = self._evaluate_everywhere(beta)
-            if p.scheduler == "plateau":
-                self.scheduler.step(val.get("select", train["total"]))
-            elif self.scheduler is not None:
-                self.scheduler.step()
-            seconds = time.perf_counter() - t0
-            watched = self.monitor() if self.monitor_data is not None and self.is_main else {}
-            row = {"phase": phase, "epoch": self.epoch + 1, "phase_epoch": phase_epoch + 1, "beta": beta, "lr": lr}
-            row.update({f"train_{k}": v for k, v in train.items() if k != "images"})
-            row.update({f"val_{k}": v for k, v in val.items()})
-            row.update({"seconds": seconds, "images_per_s": train["images"] / max(train_seconds, 1e-9),
-                        "nonfinite_steps": self.nonfinite_total})
-            row.update(watched)
+            row = self._run_epoch()
             self.history.append(row)
             self.epoch += 1
             improved = "val_select" in row and row["val_select"] < self.best_val
             if improved:
                 self.best_val = row["val_select"]
             if self.is_main:
-                self._log_epoch(row, improved)
-                if self.run_dir is not None:
-                    if self.epoch % t.sample_every == 0 or self.epoch == n_total:
-                        self.save_samples()
-                    write_history_csv(self.history, self.run_dir / "history.csv")
-                    self.save(self.run_dir / "checkpoints" / "last.pt")
-                    if improved or val == {}:
-                        self.save(self.run_dir / "checkpoints" / "best.pt")
-            if self.world_size > 1:
-                dist.barrier()
+                self.log.info(epoch_line(row, n_total, improved))
+                self._write_epoch(improved or "val_select" not in row)
+            distributed.barrier()
         return self.history
 
-    def _evaluate_everywhere(self, beta: float) -> dict:
-        """Rank 0 evaluates the full validation set; the result reaches every rank (plateau lr)."""
-        if self.world_size == 1:
-            return self.evaluate(beta=beta)
-        box = [self.evaluate(beta=beta) if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+    def _run_epoch(self) -> dict:
+        """Train, validate and step the scheduler at ``self.epoch`` -> its history row."""
+        phase, phase_epoch, p = phase_at(self.epoch, self.cfg.train)
+        self._enter_phase(phase)
+        beta, lr = get_beta(self.epoch, self.cfg.train), self.lr
+        t0 = time.perf_counter()
+        train = self.train_epoch(beta)
+        train_seconds = time.perf_counter() - t0
+        val = distributed.broadcast(self.evaluate(beta=beta) if self.is_main else None)  # rank 0 validates
+        if p.scheduler == "plateau":
+            self.scheduler.step(val.get("select", train["total"]))
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        seconds = time.perf_counter() - t0
+        row = {"phase": phase, "epoch": self.epoch + 1, "phase_epoch": phase_epoch + 1, "beta": beta, "lr": lr,
+               **{f"train_{k}": v for k, v in train.items() if k != "images"}, **{f"val_{k}": v for k, v in val.items()},
+               "seconds": seconds, "images_per_s": train["images"] / max(train_seconds, 1e-9),
+               "nonfinite_steps": self.nonfinite_total}
+        if self.monitor_data is not None and self.is_main:
+            row.update(self.monitor())
+        return row
 
-    def _log_epoch(self, row: dict, improved: bool) -> None:
-        parts = " ".join(f"{k}={row[f'train_{k}']:.4f}" for k in ("recon", "perceptual", "ssim", "kl")
-                         if f"train_{k}" in row)
-        val = f" | val total={row['val_total']:.4f} select={row['val_select']:.4f}" if "val_total" in row else ""
-        if "monitor_psnr" in row:
-            val += f" | test PSNR {row['monitor_psnr']:.2f} dB SSIM {row['monitor_ssim']:.3f}"
-        self.log.info(
-            f"epoch {row['epoch']:>3}/{total_epochs(self.cfg.train)} phase {row['phase']} "
-            f"beta={row['beta']:.2e} lr={row['lr']:.2e} | train total={row['train_total']:.4f} {parts}{val} | "
-            f"{row['seconds']:.1f}s {row['images_per_s']:.0f} img/s{' *best' if improved else ''}")
+    def _write_epoch(self, best: bool) -> None:
+        """Rank 0, after an epoch: grid (every sample_every epochs and the last), history, checkpoints."""
+        if self.run_dir is None:
+            return
+        if self.epoch % self.cfg.train.sample_every == 0 or self.epoch == total_epochs(self.cfg.train):
+            self.save_samples()
+        write_history_csv(self.history, self.run_dir / "history.csv")
+        self.save(self.run_dir / "checkpoints" / "last.pt")
+        if best:
+            self.save(self.run_dir / "checkpoints" / "best.pt")
 
-    # ---- pictures ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def save_samples(self, path: Optional[Path] = None) -> Path:
-        """Samples (the same noise every time) and val reconstructions -> samples/epoch_XXX.png.
-
-        The samples decode a full-covariance Gaussian fitted to the validation set's posterior
-        means (the aggregate posterior): with the per-value KL the latent does not fill N(0, I),
-        and prior noise decodes to noise. Without validation data they decode N(0, I)."""
-        from .sampling import GaussianSampler, decode_latents, encode_dataset
-        from .viz import sample_sheet, save_png
-
+        """Samples (the same draws every time) and val reconstructions -> samples/epoch_XXX.png
+        (see `sampling.epoch_sheet`)."""
         path = path or (self.run_dir / "samples" / f"epoch_{self.epoch:03d}.png")
         gen = torch.Generator().manual_seed(self._sample_gen_seed)
-        n = self.cfg.train.n_samples
-        originals = recons = None
-        if self.val_data is not None and len(self.val_data) >= 2:
-            latents = encode_dataset(self.raw_model, self.val_data, batch_size=64, device=self.device)
-            samples = decode_latents(self.raw_model, GaussianSampler().fit(latents).sample(n, generator=gen))
-            k = min(16, len(self.val_data))
-            originals = torch.stack([self.val_data[i][0] for i in range(k)])
-            recons = decode_latents(self.raw_model, latents[:k])
-        else:
-            with self._autocast():
-                samples = self.raw_model.sample(n, generator=gen).float().cpu()
-        return save_png(sample_sheet(samples, originals, recons), path)
+        return save_png(epoch_sheet(self.raw_model, self.val_data, self.cfg.train.n_samples, gen, self._autocast), path)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -516,9 +359,7 @@ class Trainer:
         for name, p in self.raw_model.state_dict().items():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise TrainingDivergedError(f"weights {name} contain NaN/inf; not saving over {path}")
-        path = Path(path)
-        atomic_torch_save(self.state_dict(), path)
-        return path
+        return atomic_torch_save(self.state_dict(), Path(path))
 
     def load(self, path: str | os.PathLike) -> "Trainer":
         """Restore everything `save` wrote; `fit()` then continues at the next epoch."""
@@ -556,61 +397,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, p: PhaseConfig):
     return None
 
 
-def write_history_csv(history: list[dict], path: Path) -> None:
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    for row in history:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def read_history_csv(path: str | os.PathLike) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _num(v: str):
-    try:
-        return int(v)
-    except ValueError:
-        try:
-            return float(v)
-        except ValueError:
-            return v
-
-
-def make_logger(run_dir: Optional[Path]) -> logging.Logger:
-    """Console + ``train.log`` in the run folder (one logger per run folder)."""
-    name = f"spatialvae.run.{run_dir}" if run_dir else "spatialvae.run"
-    log = logging.getLogger(name)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    if not log.handlers:
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(console)
-        if run_dir is not None:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(Path(run_dir) / "train.log")
-            fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-            log.addHandler(fh)
-    return log
-
-
-def perceptual_mode(cfg: Config) -> str:
-    """How the perceptual term runs, in words, for logs and results."""
-    lo = cfg.loss
-    if lo.perceptual_weight == 0:
-        return "perceptual term OFF (loss.perceptual_weight=0)"
-    if lo.vgg_weights == "random":
-        return "perceptual term uses RANDOM VGG16 features (explicit opt-in, not the recipe's ImageNet features)"
-    if lo.vgg_weights == "imagenet":
-        return "perceptual term uses VGG16 ImageNet weights"
-    return f"perceptual term uses VGG16 weights from {lo.vgg_weights}"
+def epoch_line(row: dict, n_total: int, improved: bool) -> str:
+    """One history row as the log line printed after each epoch."""
+    parts = " ".join(f"{k}={row[f'train_{k}']:.4f}" for k in ("recon", "perceptual", "ssim", "kl")
+                     if f"train_{k}" in row)
+    val = f" | val total={row['val_total']:.4f} select={row['val_select']:.4f}" if "val_total" in row else ""
+    if "monitor_psnr" in row:
+        val += f" | test PSNR {row['monitor_psnr']:.2f} dB SSIM {row['monitor_ssim']:.3f}"
+    return (f"epoch {row['epoch']:>3}/{n_total} phase {row['phase']} beta={row['beta']:.2e} lr={row['lr']:.2e} | "
+            f"train total={row['train_total']:.4f} {parts}{val} | {row['seconds']:.1f}s "
+            f"{row['images_per_s']:.0f} img/s{' *best' if improved else ''}")
 
 
 def describe_run(tr: Trainer) -> str:
@@ -625,8 +421,7 @@ def describe_run(tr: Trainer) -> str:
 
 
 def build_trainer(cfg: Config, train_data: Dataset, val_data: Optional[Dataset], run_dir: str | os.PathLike,
-                  device: str | torch.device | None = None, progress: bool = True,
-                  log: Optional[logging.Logger] = None, resume: bool | str = "auto",
+                  device: str | torch.device | None = None, progress: bool = True, resume: bool | str = "auto",
                   loss: Optional[nn.Module] = None, monitor_data: Optional[Dataset] = None) -> Trainer:
     """Seed, build the model and loss, and a Trainer for ``run_dir``.
 
@@ -634,15 +429,12 @@ def build_trainer(cfg: Config, train_data: Dataset, val_data: Optional[Dataset],
     a notebook cell picks up where it stopped), ``True`` requires it, ``False`` starts fresh.
     ``loss`` may be built beforehand (building it checks the VGG weights before any folder exists).
     """
-    from .losses import build_loss
-    from .model import build_model
-
     run_dir = Path(run_dir)
     seed_everything(cfg.train.seed)
     model = build_model(cfg)
     loss = loss if loss is not None else build_loss(cfg)
     trainer = Trainer(model, loss, train_data, val_data, cfg, run_dir=run_dir, device=device, progress=progress,
-                      log=log or make_logger(run_dir if _dist_info()[0] == 0 else None), monitor_data=monitor_data)
+                      monitor_data=monitor_data)
     last = run_dir / "checkpoints" / "last.pt"
     if resume is True or (resume == "auto" and last.is_file()):
         trainer.load(last)

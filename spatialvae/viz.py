@@ -6,8 +6,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
+
+from .runs import atomic_write
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.Tensor:
@@ -39,7 +42,6 @@ def _pad_width(img: torch.Tensor, width: int) -> torch.Tensor:
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a (1, H, W) or (N, 1, H, W) tensor in [0, 1] as PNG, atomically (see `files.atomic_write`)."""
-    from .files import atomic_write
 
     if image.dim() == 4:
         image = image_grid(image)
@@ -61,7 +63,6 @@ def _plt():
 def _finish(fig, path):
     fig.tight_layout()
     if path is not None:  # crash-safe like every other file we write (files.atomic_write)
-        from .files import atomic_write
 
         fmt = Path(path).suffix.lstrip(".").lower() or "png"
         atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=110))
@@ -115,7 +116,6 @@ def show_images(images: torch.Tensor, title: str = "", nrow: int = 8, path: str 
 
 def plot_intensity_histograms(before: list, after: list, path: str | os.PathLike | None = None):
     """Pixel-intensity histograms of the same images without and with CLAHE (uint8 arrays)."""
-    import numpy as np
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3))
@@ -131,7 +131,6 @@ def plot_intensity_histograms(before: list, after: list, path: str | os.PathLike
 
 def plot_class_balance(counts: dict, path: str | os.PathLike | None = None):
     """Bars of NORMAL / PNEUMONIA per split (`counts` as in the data report)."""
-    import numpy as np
 
     plt = _plt()
     splits = list(counts)

@@ -7,11 +7,12 @@ import json
 
 import pytest
 
-from spatialvae.ablation import VARIANT_NAMES, ablation_base, ablation_table, variant_configs
-from spatialvae.ablation import _flat as flat
+from spatialvae.ablation import ablation_table
 from spatialvae.cli import main
+from spatialvae.config import flatten as flat
 from spatialvae.errors import ConfigError
 from spatialvae.training import get_beta, total_epochs
+from spatialvae.variants import VARIANT_NAMES, ablation_base, variant_configs
 
 
 def changed(a, b) -> set:

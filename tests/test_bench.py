@@ -8,8 +8,16 @@ import math
 
 import pytest
 
-from spatialvae.bench import (T4_FP16_TFLOPS, T4_FP32_TFLOPS, _judge, measure_step, recommend,
-                              setting_flags, t4_projection, time_to_quality)
+from spatialvae.bench import (
+    T4_FP16_TFLOPS,
+    T4_FP32_TFLOPS,
+    _judge,
+    measure_step,
+    recommend,
+    setting_flags,
+    t4_projection,
+    time_to_quality,
+)
 from spatialvae.cli import main
 
 
@@ -123,7 +131,7 @@ def test_peak_memory_sees_a_transient_allocation():
 
 
 def _history(run, psnrs, seconds=30.0, phase1=2, monitor=True):
-    from spatialvae.training import write_history_csv
+    from spatialvae.runs import write_history_csv
 
     run.mkdir(parents=True)
     rows = []

@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_kaggle_tree
+
 from spatialvae import evaluate as ev
+from spatialvae import metrics as M
 from spatialvae.config import get_preset
 from spatialvae.data import make_datasets
 from spatialvae.errors import SpatialVAEError, WeightsError
 from spatialvae.losses import build_loss
 from spatialvae.model import build_model
-from spatialvae.training import Trainer, seed_everything
+from spatialvae.engine import seed_everything
+from spatialvae.training import Trainer
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
@@ -36,44 +38,44 @@ def images(n=4, size=32, seed=0):
 
 def test_identical_images_score_perfectly():
     x = images()
-    assert torch.allclose(ev.ssim_score(x, x), torch.ones(4))
-    assert torch.equal(ev.l1(x, x), torch.zeros(4))
-    assert torch.equal(ev.psnr(x, x), torch.full((4,), ev.PSNR_CAP_DB))  # inf, capped for means and JSON
+    assert torch.allclose(M.ssim_score(x, x), torch.ones(4))
+    assert torch.equal(M.l1(x, x), torch.zeros(4))
+    assert torch.equal(M.psnr(x, x), torch.full((4,), M.PSNR_CAP_DB))  # inf, capped for means and JSON
 
 
 def test_psnr_and_l1_of_a_constant_offset():
     x = images()
     # MSE = 0.01 with data range 1 -> 10 * log10(1 / 0.01) = 20 dB exactly.
-    assert torch.allclose(ev.psnr(x + 0.1, x), torch.full((4,), 20.0), atol=1e-4)
-    assert torch.allclose(ev.l1(x + 0.1, x), torch.full((4,), 0.1), atol=1e-6)
-    assert (ev.ssim_score(x + 0.1, x) < 1).all()
+    assert torch.allclose(M.psnr(x + 0.1, x), torch.full((4,), 20.0), atol=1e-4)
+    assert torch.allclose(M.l1(x + 0.1, x), torch.full((4,), 0.1), atol=1e-6)
+    assert (M.ssim_score(x + 0.1, x) < 1).all()
 
 
 @pytest.mark.parametrize("size,win", [(128, 7), (64, 3), (32, 3), (16, 3)])
 def test_pairwise_ms_ssim_works_at_small_sizes(size, win):
     same = images(1, size).repeat(6, 1, 1, 1)
-    r = ev.pairwise_ms_ssim(same)
+    r = M.pairwise_ms_ssim(same)
     assert r["n_pairs"] == 15 and r["mean"] == pytest.approx(1.0, abs=1e-5)
-    assert r["win_size"] == win and ev.ms_ssim_window(max(33, size)) == win
-    noise = ev.pairwise_ms_ssim(images(6, size, seed=1))
+    assert r["win_size"] == win and M.ms_ssim_window(max(33, size)) == win
+    noise = M.pairwise_ms_ssim(images(6, size, seed=1))
     assert noise["mean"] < 0.9
 
 
 def test_pairwise_ms_ssim_uses_a_seeded_subset_of_at_most_50():
     x = images(60, 16)
-    a = ev.pairwise_ms_ssim(x, seed=3)
+    a = M.pairwise_ms_ssim(x, seed=3)
     assert a["n_images"] == 50 and a["n_pairs"] == 50 * 49 // 2
-    assert a == ev.pairwise_ms_ssim(x, seed=3)
+    assert a == M.pairwise_ms_ssim(x, seed=3)
 
 
 def test_nearest_neighbour_is_zero_for_training_images_in_either_orientation():
     train = (torch.rand(40, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).round().byte()
     as_float = train.unsqueeze(1).float() / 255
     queries = torch.cat([as_float[[3, 17]], as_float[[25]].flip(-1), images(2, 16, seed=5)])
-    d, i = ev.nearest_neighbour(queries, train, query_chunk=2, ref_chunk=7)  # chunks that do not divide evenly
+    d, i = M.nearest_neighbour(queries, train, query_chunk=2, ref_chunk=7)  # chunks that do not divide evenly
     assert d[:3].tolist() == [0.0, 0.0, 0.0] and i[:3].tolist() == [3, 17, 25]
     assert (d[3:] > 0.1).all()
-    d_noflip, _ = ev.nearest_neighbour(queries, train, flips=False)
+    d_noflip, _ = M.nearest_neighbour(queries, train, flips=False)
     assert d_noflip[2] > 0.1  # the mirrored copy only matches when flips are compared
     expected = (queries[3:].flatten(1)[:, None] - as_float.flatten(1)[None]).pow(2).mean(-1).sqrt().min(1).values
     assert torch.allclose(d_noflip[3:], expected, atol=1e-6)
@@ -83,12 +85,12 @@ def test_fid_and_kid_on_known_features():
     g = torch.Generator().manual_seed(0)
     real = torch.randn(400, 16, generator=g, dtype=torch.float64)
     same_dist = torch.randn(400, 16, generator=g, dtype=torch.float64)
-    same = ev.fid_kid(real, same_dist)
+    same = M.fid_kid(real, same_dist)
     assert same["fid"] < 1.0 and abs(same["kid_mean"]) < 0.05
     # A shift of 1 in each of 16 dims with equal covariances: FID = |mu1 - mu2|^2 = 16.
-    shifted = ev.fid_kid(real, real + 1.0)
+    shifted = M.fid_kid(real, real + 1.0)
     assert shifted["fid"] == pytest.approx(16.0, abs=1e-3) and shifted["kid_mean"] > 1.0
-    assert ev.fid_kid(real, same_dist, seed=1) == ev.fid_kid(real, same_dist, seed=1)  # KID subsets seeded
+    assert M.fid_kid(real, same_dist, seed=1) == M.fid_kid(real, same_dist, seed=1)  # KID subsets seeded
 
 
 def test_inception_features_feed_uint8_rgb():
@@ -100,7 +102,7 @@ def test_inception_features_feed_uint8_rgb():
             return x.float().mean((2, 3))
 
     x = torch.full((5, 1, 8, 8), 0.5)
-    f = ev.inception_features(FakeNet(), x, batch_size=2)
+    f = M.inception_features(FakeNet(), x, batch_size=2)
     assert seen == {"dtype": torch.uint8, "shape": (1, 3, 8, 8)}  # the last batch of 5 in 2s
     assert f.shape == (5, 3) and torch.allclose(f, torch.full((5, 3), 127.0, dtype=torch.float64))
 
@@ -108,21 +110,21 @@ def test_inception_features_feed_uint8_rgb():
 # ---- no downloads (the `offline` fixture is in conftest.py) ---------------------------------------
 
 def test_load_inception_reports_missing_weights_without_raising(offline):
-    net, path, reason = ev.load_inception("auto")
+    net, path, reason = M.load_inception("auto")
     assert net is None and path is None
-    assert ev.INCEPTION_FILE in reason and "download failed" in reason and "\n" not in reason
-    assert offline == [ev.INCEPTION_URL]
-    assert ev.load_inception("off") == (None, None, "skipped (inception='off')")
+    assert M.INCEPTION_FILE in reason and "download failed" in reason and "\n" not in reason
+    assert offline == [M.INCEPTION_URL]
+    assert M.load_inception("off") == (None, None, "skipped (inception='off')")
     assert len(offline) == 1
 
 
 def test_explicit_inception_path_must_be_usable(offline, tmp_path):
     with pytest.raises(WeightsError, match="not a file"):
-        ev.load_inception(str(tmp_path / "missing.pth"))
+        M.load_inception(str(tmp_path / "missing.pth"))
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="cannot use Inception weights"):
-        ev.load_inception(str(bad))
+        M.load_inception(str(bad))
     assert offline == []
 
 
@@ -157,7 +159,7 @@ def test_evaluate_run_offline_writes_metrics_with_null_fid(smoke_run, offline):
     assert json.loads((run / "metrics.json").read_text()) == m
     assert not list(run.glob(".*.tmp"))
 
-    assert "download failed" in m["inception_unavailable"] and ev.INCEPTION_FILE in m["inception_unavailable"]
+    assert "download failed" in m["inception_unavailable"] and M.INCEPTION_FILE in m["inception_unavailable"]
     assert len(offline) == 1  # one quick attempt, no retries
     assert m["reference"]["train_vs_test"]["fid"] is None
     # No checkpoints/prior.pt in this run: every sampler but the learned ones.

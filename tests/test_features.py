@@ -11,9 +11,17 @@ import pytest
 import torch
 
 from spatialvae.errors import CheckpointError, SpatialVAEError
-from spatialvae.features import (FeatureNetConfig, XRayFeatureNet, build_features_file, classification_report,
-                                 degraded_versions, domain_fd_kid, extract_features, load_feature_net,
-                                 save_feature_net)
+from spatialvae.features import (
+    FeatureNetConfig,
+    XRayFeatureNet,
+    build_features_file,
+    classification_report,
+    degraded_versions,
+    domain_fd_kid,
+    extract_features,
+    load_feature_net,
+    save_feature_net,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, epochs=3, max_per_class=48, widths=(8, 16, 16))

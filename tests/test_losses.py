@@ -13,8 +13,16 @@ import torch.nn.functional as F
 import spatialvae.losses as losses
 from spatialvae.config import LossConfig, get_preset
 from spatialvae.errors import ConfigError, WeightsError
-from spatialvae.losses import (PART_KEYS, PerceptualLoss, SSIMLoss, VAELoss, build_loss, kl_divergence,
-                               load_vgg16_features, ssim_window_for)
+from spatialvae.losses import (
+    PART_KEYS,
+    PerceptualLoss,
+    SSIMLoss,
+    VAELoss,
+    build_loss,
+    kl_divergence,
+    load_vgg16_features,
+    ssim_window_for,
+)
 
 torch.set_num_threads(2)
 

@@ -169,6 +169,7 @@ def prior_run(tmp_path_factory):
     import warnings
 
     from conftest import make_kaggle_tree
+
     from spatialvae.cli import main
 
     tmp = tmp_path_factory.mktemp("prior_run")
@@ -237,7 +238,8 @@ def _copy_run(run, tmp_path):
 @pytest.mark.parametrize("case", ["unknown label", "no prior", "other latent shape", "unfinished prior",
                                   "label with N(0, I)", "guidance without the learned prior"])
 def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_path, capsys):
-    from spatialvae.files import atomic_torch_save
+    from spatialvae.runs import atomic_torch_save
+
     from spatialvae.prior import prior_path
 
     run = _copy_run(prior_run[0], tmp_path)
@@ -316,8 +318,9 @@ def test_evaluate_has_learned_and_conditional_rows_and_tstr(prior_run, offline):
 def test_evaluate_skips_an_unfinished_prior_with_a_note(prior_run, tmp_path, offline):
     import warnings
 
+    from spatialvae.runs import atomic_torch_save
+
     from spatialvae.evaluate import evaluate_run
-    from spatialvae.files import atomic_torch_save
     from spatialvae.prior import prior_path
 
     run = _copy_run(prior_run[0], tmp_path)
@@ -369,7 +372,7 @@ def test_encode_originals_ignores_training_flips_and_restores_them(prior_run):
     from spatialvae.config import Config
     from spatialvae.data import as_float_images, make_datasets
     from spatialvae.sampling import encode_dataset, encode_originals
-    from spatialvae.training import load_model
+    from spatialvae.runs import load_model
 
     run, tree = prior_run
     model, _, _ = load_model(run / "checkpoints" / "best.pt")

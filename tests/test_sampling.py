@@ -7,10 +7,18 @@ import pytest
 import torch
 
 from spatialvae.config import get_preset
+from spatialvae.data import seeded_subset
 from spatialvae.errors import SpatialVAEError
 from spatialvae.model import build_model
-from spatialvae.sampling import (GaussianSampler, GMMSampler, PriorSampler, encode_dataset, generate, interpolate,
-                                 save_grid, seeded_subset)
+from spatialvae.sampling import (
+    GaussianSampler,
+    GMMSampler,
+    PriorSampler,
+    encode_dataset,
+    generate,
+    interpolate,
+    save_grid,
+)
 
 torch.set_num_threads(2)
 

@@ -1,0 +1,84 @@
+"""Everything about torchrun / DistributedDataParallel in one place.
+
+Alone (no ``WORLD_SIZE`` > 1) every function here is a no-op that answers rank 0 of 1, so the
+CLI and the Trainer call them unconditionally and hold no DDP code themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return dist_info()[0] == 0
+
+
+def init_distributed() -> tuple[int, int, Optional[torch.device]]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group -> (rank, world, device);
+    alone -> (0, 1, None), the caller picks the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), world, torch.device("cpu")
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist_info()[1] > 1:
+        dist.barrier()
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. decodes and writes the cache); the others then run it."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (any picklable object)."""
+    if dist_info()[1] == 1:
+        return value
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_true(ok: torch.Tensor) -> bool:
+    """True when ``ok`` (a 0/1 tensor) is true on every rank: all ranks then decide alike."""
+    ok = ok.float().reshape(1)
+    if dist_info()[1] > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` when distributed, else ``model`` itself."""
+    if dist_info()[1] == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -1,0 +1,175 @@
+"""Run folders and the files in them: atomic writes, checkpoints, the log and history.csv.
+
+Every file is written crash-safe: to a temp file in the same folder, fsync, then ``os.replace``.
+A session that dies mid-write leaves the previous file intact and no half-written one; used for
+checkpoints, the preprocessing cache, PNG grids, history.csv, config.json and metrics.json.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: nothing in one is executed. Each
+carries ``version``; a checkpoint from a newer spatialvae is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import BinaryIO, Callable, Optional
+
+import torch
+
+from .config import Config
+from .errors import CheckpointError, short_reason
+from .model import build_model
+
+CHECKPOINT_VERSION = 2  # 2: model.shortcut, model.logvar_init and kl_reduction=mean became the defaults
+# Keys a version-1 checkpoint's config lacks, with the values it was trained with.
+_V1_DEFAULTS = {"model": {"shortcut": "conv", "logvar_init": None}, "loss": {"kl_reduction": "sum"}}
+
+
+# ---- atomic files ------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temp file next to ``path``, then move it into place atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # unique per writer
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the result should read like any other file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save, atomically: a crash mid-write leaves the previous checkpoint intact."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ---- run folders, log, history -----------------------------------------------------------------
+def create_run_dir(out: str | os.PathLike, name: str) -> Path:
+    """``out/NNN-name`` with NNN one more than the highest existing number (DiT-style)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name.split("-", 1)[0]) for p in out.iterdir() if p.is_dir() and p.name[:3].isdigit()]
+    index = max(taken, default=-1) + 1
+    while True:
+        run = out / f"{index:03d}-{name}"
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:  # another process took it: try the next number
+            index += 1
+
+
+def make_logger(run_dir: Optional[Path]) -> logging.Logger:
+    """Console + ``train.log`` in the run folder (one logger per run folder)."""
+    name = f"spatialvae.run.{run_dir}" if run_dir else "spatialvae.run"
+    log = logging.getLogger(name)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not log.handlers:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(console)
+        if run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(Path(run_dir) / "train.log")
+            fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+            log.addHandler(fh)
+    return log
+
+
+def write_history_csv(history: list[dict], path: Path) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def read_history_csv(path: str | os.PathLike) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _num(v: str):
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint safely (tensors and plain containers only; no code is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; check the run folder (checkpoints/last.pt or best.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt, truncated or unsafe pickle
+        raise CheckpointError(f"cannot read checkpoint {path} ({short_reason(e)}); it is corrupt or not a spatialvae "
+                              "checkpoint: resume from another file or start a new run") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a spatialvae checkpoint (no model/config entries)")
+    version = ckpt.get("version", 1)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} is checkpoint version {version!r}, newer than this spatialvae reads "
+                              f"(up to {CHECKPOINT_VERSION}); upgrade spatialvae (pip install -U spatialvae)")
+    return ckpt
+
+
+def config_from_checkpoint(ckpt: dict) -> Config:
+    d = ckpt["config"]
+    if int(ckpt.get("version", 1)) < 2 and isinstance(d, dict):  # written before the defaults changed
+        d = {**d, **{sec: {**_V1_DEFAULTS[sec], **d.get(sec, {})} for sec in _V1_DEFAULTS}}
+    try:
+        return Config.from_dict(d)
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint's config is not valid for this version of spatialvae: {e}") from None
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """The model a checkpoint holds, rebuilt from its own config, in eval mode -> (model, cfg, ckpt)."""
+    ckpt = load_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit its own config ({short_reason(e)})") from None
+    return model.to(device).eval(), cfg, ckpt
+
+
+def _architecture(cfg: Config) -> dict:
+    return {"data.image_size": cfg.data.image_size, **{f"model.{k}": v for k, v in asdict(cfg.model).items()}}
+
+
+def check_compatible(ckpt_cfg: Config, cfg: Config, path) -> None:
+    """Same architecture, or one clear error naming what differs."""
+    a, b = _architecture(ckpt_cfg), _architecture(cfg)
+    diff = [f"{k}: checkpoint {a[k]!r} vs config {b[k]!r}" for k in a if a[k] != b.get(k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {path} is from an incompatible config ({'; '.join(diff)}); "
+                              "resume with the run's own config.json or start a new run")
