@@ -23,7 +23,8 @@ _EXPORTS = {
     "sampling": ("GaussianSampler", "GMMSampler", "PriorSampler", "PerClass", "fit_sampler", "encode_dataset",
                  "decode_latents", "generate", "interpolate"),
     "prior": ("LearnedPrior", "load_prior"),
-    "evaluate": ("evaluate_run", "metrics_table"),
+    "evaluate": ("evaluate_run",),
+    "report": ("metrics_table", "ablation_table"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = ["__version__", *_WHERE]

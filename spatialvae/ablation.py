@@ -29,6 +29,7 @@ from .evaluate import evaluate_run
 from .features import build_features_file
 from .losses import build_loss
 from .model import build_model, count_parameters
+from .report import ablation_table
 from .runs import atomic_write_bytes, make_logger, read_history_csv
 from .training import build_trainer, total_epochs
 from .variants import VARIANT_NAMES, VARIANTS, variant_configs
@@ -147,28 +148,3 @@ def write_results(out: Path, rows: list[dict], base: Config) -> None:
         _plt().close(fig)
 
 
-def ablation_table(rows: list[dict], base: Optional[Config] = None) -> str:
-    """One markdown table: reconstruction on the test split (with identity), prior and GMM samples."""
-    def f(v, fmt):
-        return "n/a" if v is None else fmt.format(v)
-
-    head = ("| variant | change | params | train s | test SSIM | PSNR dB | identity | prior dFD | GMM dFD | "
-            "prior FID | GMM FID | prior MS-SSIM | GMM MS-SSIM |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        p, q = r["prior"], r.get("gmm") or {}
-        ident = r.get("test_identity")
-        lines.append(
-            f"| {r['variant']} | {r['change']} | {r['parameters'] / 1e6:.2f} M | {r['train_seconds']:.0f} | "
-            f"{f(r['test_ssim'], '{:.3f}')} | {f(r['test_psnr_db'], '{:.2f}')} | "
-            f"{f(None if ident is None else 100 * ident, '{:.1f} %')} | "
-            f"{f(p['domain_fd_vs_train'], '{:.1f}')} | {f(q.get('domain_fd_vs_train'), '{:.1f}')} | "
-            f"{f(p['fid'], '{:.1f}')} | {f(q.get('fid'), '{:.1f}')} | "
-            f"{f(p['ms_ssim_diversity'], '{:.3f}')} | {f(q.get('ms_ssim_diversity'), '{:.3f}')} |")
-    if base is not None:
-        lines += ["", f"{base.data.image_size} px, {base.train.phase1.epochs} + {base.train.phase2.epochs} epochs "
-                      f"per variant on the same images, seed {base.train.seed}; {perceptual_mode(base)}. "
-                      "dFD = domain Fréchet distance to training images in the X-ray feature space "
-                      "(lower is better; n/a without --features); FID n/a when the Inception weights are "
-                      "unavailable; MS-SSIM = mean pairwise MS-SSIM of samples (lower = more diverse)."]
-    return "\n".join(lines)

@@ -265,7 +265,8 @@ def cmd_prior(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Reconstruction and sample metrics of a run on the test split -> RUN_DIR/metrics.json."""
 
-    from .evaluate import evaluate_run, metrics_table
+    from .evaluate import evaluate_run
+    from .report import metrics_table
 
     metrics = evaluate_run(args.run, data_root=args.data, checkpoint=args.checkpoint, n_samples=args.n,
                            features_path=args.features, inception=args.inception, progress=not args.quiet,
@@ -294,7 +295,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     """Recipe vs original vs one-change variants on the same images and budget -> OUT/ablation.{md,json,png}."""
 
-    from .ablation import ablation_table, run_ablation
+    from .ablation import run_ablation
+    from .report import ablation_table
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     base = ablation_base(args.preset, tuple(args.epochs), args.perceptual, args.set or [])
@@ -323,7 +325,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Data and training-step speed on this machine -> a table on stdout and JSON in --out."""
 
-    from .bench import bench_table, run_bench
+    from .bench import attention_only, bench_table, run_bench
     from .runs import atomic_write_bytes
 
     if args.curve:
@@ -332,9 +334,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     perceptual = {"both": (False, True), "off": (False,), "on": (True,)}[args.perceptual]
     if args.repeats < 1 or args.batch < 1:
         raise ConfigError(f"--repeats {args.repeats} and --batch {args.batch} must both be at least 1")
-    res = run_bench(args.data, preset=args.preset, image_size=args.image_size, batch=args.batch,
-                    repeats=args.repeats, settings=settings, perceptual=perceptual, kaggle_n=args.kaggle_n,
-                    skip_data=args.skip_data, progress=not args.quiet)
+    if args.only == "attention":  # issue 14's q/k/v layouts alone (about a minute): no data, no child processes
+        res = attention_only(batch=args.batch, progress=not args.quiet)
+        args.out = str(Path(args.out).with_name("bench_attention.json")) if args.out == "runs/bench.json" else args.out
+    else:
+        res = run_bench(args.data, preset=args.preset, image_size=args.image_size, batch=args.batch,
+                        repeats=args.repeats, settings=settings, perceptual=perceptual, kaggle_n=args.kaggle_n,
+                        skip_data=args.skip_data, progress=not args.quiet)
     print(bench_table(res))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -489,6 +495,9 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--curve", metavar="RUN_DIR", nargs="+", default=None,
                    help="instead of timing: time-to-quality curves (test PSNR/SSIM vs minutes) of runs trained "
                         "with `train --monitor-test`; writes time_to_quality.{png,md,json} beside --out")
+    p.add_argument("--only", choices=("attention",), default=None,
+                   help="attention: only the attention block's old vs new q/k/v layout (issue 14), at --batch; "
+                        "writes bench_attention.json beside --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -477,7 +477,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
-    device = torch.device(device) if device is not None else default_device()
+    device = default_device(device)
     ckpt_path = _checkpoint_path(run_dir, checkpoint)
     model, cfg, ckpt = load_model(ckpt_path, device)  # weights_only: nothing in the file is executed
     samplers, prior, prior_note = _select_samplers(run_dir, model, samplers)
@@ -485,132 +485,64 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     domain_net, domain_info = _load_feature_file(features_path)
     net, inception_weights, inception_reason = load_inception(inception)
     splits, n_gen = _evaluation_data(cfg, data_root, n_samples, progress)
-    train_u8, test_u8 = splits.train.images, splits.test.images  # (N, S, S) uint8, never flipped
-    test_labels = splits.test.labels
-    out_dir = run_dir / "samples"
-    pictures: dict[str, str] = {}
+    ctx = _Context(model, splits, device, seed, batch_size, progress, run_dir / "samples", {})
 
-    recon, recons = _reconstruction_block(model, test_u8, test_labels, batch_size, seed, out_dir, pictures)
-    floors = linear_floors(train_u8, test_u8, int(math.prod(model.latent_shape)))
-    train_subset = seeded_subset(len(train_u8), n_gen, seed)
+    recon, recons = _reconstruction_block(model, splits.test.images, splits.test.labels, batch_size, seed,
+                                          ctx.out_dir, ctx.pictures)
+    train_subset = seeded_subset(len(splits.train.images), n_gen, seed)
     reference, feats_test = _real_references(splits, train_subset, net, seed, batch_size, device, progress)
-
     refs, domain = None, None
     if domain_net is not None:
-        refs, domain = _domain_references(domain_net, domain_info, features_path, train_u8, test_u8, train_subset,
-                                          n_gen, seed, device)
-
-    # ---- samplers -----------------------------------------------------------------------------
-    fitted_rows = [n for n in samplers if n != "prior" and n not in LEARNED]  # they need the training latents
-    train_mu = (encode_originals(model, splits.train, batch_size, device, progress)  # (N, *latent_shape)
-                if fitted_rows or domain is not None else None)
-    train_labels = splits.train.labels
-    if domain is not None:
-        domain["decoder_floor"] = decoder_floor(model, train_mu, refs.ref_b, recons, refs.net, refs.size, refs.ref_a_feats,
-                                                seed, device)
-    scorer = _SampleScorer(train_u8, seed, batch_size, device, progress, net, feats_test, refs)
-    results, fitted = {}, {}
-    for name in samplers:
-        fitted[name], results[name] = _sampler_row(name, model, prior, train_mu, train_labels, n_gen, scorer,
-                                                   out_dir, pictures)
+        refs, domain = _domain_references(domain_net, domain_info, features_path, splits.train.images,
+                                          splits.test.images, train_subset, n_gen, seed, device)
+    scorer = _SampleScorer(splits.train.images, seed, batch_size, device, progress, net, feats_test, refs)
+    results, fitted = _sampler_rows(ctx, samplers, prior, scorer, n_gen, domain, recons)
     tstr = None
     if tstr_per_class > 0 and any(n in fitted for n in TSTR_SOURCES):
-        tstr = tstr_block(model, fitted, splits, test_u8, tstr_per_class, seed, batch_size, progress, tstr_repeats)
-
+        tstr = tstr_block(model, fitted, splits, splits.test.images, tstr_per_class, seed, batch_size, progress,
+                          tstr_repeats)
     metrics = {
         **_run_header(run_dir, ckpt_path, ckpt, cfg, model, device, splits, n_gen, n_samples),
         "reconstruction": {"split": "test", "decoded": "posterior mean", **recon},
-        "floors": floors,
+        "floors": linear_floors(splits.train.images, splits.test.images, int(math.prod(model.latent_shape))),
         "inception": {"weights": inception_weights, **_INCEPTION_NOTES},
-        "reference": reference,
-        "domain": domain,
-        "samplers": results,
-        "tstr": tstr,
-        "images": pictures,
-        "notes": _NOTES,
+        "reference": reference, "domain": domain, "samplers": results, "tstr": tstr,
+        "images": ctx.pictures, "notes": _NOTES,
+        **({"inception_unavailable": inception_reason} if inception_reason is not None else {}),
+        **({"learned_prior_unavailable": prior_note} if prior_note is not None else {}),
     }
-    if inception_reason is not None:
-        metrics["inception_unavailable"] = inception_reason
-    if prior_note is not None:
-        metrics["learned_prior_unavailable"] = prior_note
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
     return _write_metrics(run_dir, metrics)
 
 
-def _tstr_lines(tstr: Optional[dict], f) -> list[str]:
-    if not tstr:
-        return []
-    lines = ["", f"| TSTR: trained on {tstr['per_class']} images per class, tested on real test "
-                 f"(mean of {tstr.get('repeats', 1)} classifier seeds) | accuracy | balanced accuracy (std) | x real |",
-             "|---|---:|---:|---:|"]
-    for name, r in tstr.items():
-        if isinstance(r, dict) and "balanced_accuracy" in r:
-            ratio = "1.00 (reference)" if name == "real" else f(r.get("ratio_to_real"), "{:.2f}")
-            lines.append(f"| {name} | {f(r['accuracy'], '{:.3f}')} | {f(r['balanced_accuracy'], '{:.3f}')} "
-                         f"({f(r.get('balanced_accuracy_std'), '{:.3f}')}) | {ratio} |")
-    return lines
+@dataclass
+class _Context:
+    """What every part of one evaluation shares."""
+    model: nn.Module
+    splits: object  # data.DataSplits
+    device: torch.device
+    seed: int
+    batch_size: int
+    progress: bool
+    out_dir: Path  # run_dir/samples: the grids
+    pictures: dict  # grid name -> path relative to the run folder (metrics.json "images")
 
 
-def metrics_table(metrics: dict) -> str:
-    """The headline numbers of a metrics.json as two markdown tables (reconstruction, samples)."""
-    def f(v, fmt="{:.4f}"):
-        return "n/a" if v is None else fmt.format(v)
+def _sampler_rows(ctx: _Context, samplers: Sequence[str], prior, scorer: "_SampleScorer", n_gen: int,
+                  domain: Optional[dict], recons: torch.Tensor) -> tuple[dict, dict]:
+    """Fit, draw and score every sampler (and, with domain features, the decoder's floor, which needs
+    the training latents too) -> ({name: row}, {name: fitted sampler})."""
+    fitted_rows = [n for n in samplers if n != "prior" and n not in LEARNED]  # they need the training latents
+    train_mu = (encode_originals(ctx.model, ctx.splits.train, ctx.batch_size, ctx.device, ctx.progress)
+                if fitted_rows or domain is not None else None)  # (N, *latent_shape)
+    if domain is not None:
+        refs = scorer.domain
+        domain["decoder_floor"] = decoder_floor(ctx.model, train_mu, refs.ref_b, recons, refs.net, refs.size,
+                                                refs.ref_a_feats, ctx.seed, ctx.device)
+    results, fitted = {}, {}
+    for name in samplers:
+        fitted[name], results[name] = _sampler_row(name, ctx.model, prior, train_mu, ctx.splits.train.labels, n_gen,
+                                                   scorer, ctx.out_dir, ctx.pictures)
+    return results, fitted
 
-    rec = metrics["reconstruction"]
-    lines = [f"checkpoint epoch {metrics['checkpoint']['epoch']} | {metrics['preset']} | "
-             f"{metrics['image_size']} px | {metrics['perceptual_mode']}", "",
-             "| test reconstruction | n | SSIM | PSNR (dB) | L1 |", "|---|---:|---:|---:|---:|"]
-    for group in ("overall", *CLASS_NAMES):
-        r = rec.get(group)
-        if r:
-            lines.append(f"| {group} | {r['n']} | {f(r['ssim'])} | {f(r['psnr_db'], '{:.2f}')} | {f(r['l1'])} |")
-    floors = metrics.get("floors")
-    if floors:
-        n = rec["overall"]["n"]
-        pca, mean = floors["pca"], floors["mean_image"]
-        lines += [f"| floor: PCA, {pca['components']} components (fitted on train) | {n} | {f(pca['ssim'])} | "
-                  f"{f(pca['psnr_db'], '{:.2f}')} | |",
-                  f"| floor: the training mean image for everyone | {n} | {f(mean['ssim'])} | "
-                  f"{f(mean['psnr_db'], '{:.2f}')} | |"]
-    if rec.get("identity") is not None:
-        pca_id = f" (PCA: {100 * floors['pca']['identity']:.1f} %)" if floors else ""
-        dup = rec.get("test_images_with_a_duplicate") or 0
-        dup_note = f"; {dup} test images have an exact duplicate, which counts as their own" if dup else ""
-        lines += ["", f"identity: {100 * rec['identity']:.1f} % of test reconstructions are nearer (pixel MSE) to "
-                      f"their own original than to any other test image{pca_id}{dup_note}"]
-    ref = metrics["reference"]
-    lines += ["", f"| samples ({metrics['n_generated']} per sampler) | FID | KID | MS-SSIM diversity | "
-                  "NN-train RMSE (mean / min) |", "|---|---:|---:|---:|---:|"]
-    for name, s in metrics["samplers"].items():
-        lines.append(f"| {name} | {f(s['fid'], '{:.1f}')} | {f(s['kid_mean'])} | {f(s['ms_ssim_diversity']['mean'])} | "
-                     f"{f(s['nn_train_rmse']['mean'])} / {f(s['nn_train_rmse']['min'])} |")
-    tv = ref["train_vs_test"]
-    lines.append(f"| real train vs test (floor) | {f(tv['fid'], '{:.1f}')} | {f(tv['kid_mean'])} | "
-                 f"{f(ref['test_ms_ssim_diversity']['mean'])} | {f(ref['test_nn_train_rmse']['mean'])} / "
-                 f"{f(ref['test_nn_train_rmse']['min'])} |")
-    if ref.get("val_nn_train_rmse"):
-        lines.append(f"| real validation images (held-out patients) | | | | {f(ref['val_nn_train_rmse']['mean'])} / "
-                     f"{f(ref['val_nn_train_rmse']['min'])} |")
-    dom = metrics.get("domain")
-    if dom:
-        lines += ["", f"| domain features ({dom['feature_dim']}-d, extractor test accuracy "
-                      f"{dom['extractor_test_accuracy']:.3f}) | FD vs test | KID vs test | FD vs train | "
-                      "KID vs train |", "|---|---:|---:|---:|---:|"]
-        for name, s in metrics["samplers"].items():
-            lines.append(f"| {name} | {f(s['domain_fd'], '{:.3f}')} | {f(s['domain_kid_mean'])} | "
-                         f"{f(s['domain_fd_vs_train'], '{:.3f}')} | {f(s['domain_kid_vs_train'])} |")
-        fl, ft = dom["floor_train_vs_test"], dom["floor_train_vs_train"]
-        lines.append(f"| real train images (floor) | {f(fl['fd'], '{:.3f}')} | {f(fl['kid_mean'])} | "
-                     f"{f(ft['fd'], '{:.3f}')} | {f(ft['kid_mean'])} |")
-        if dom.get("decoder_floor"):
-            d = dom["decoder_floor"]
-            lines.append(f"| decoder floor: reconstructed train images | | | {f(d['fd_vs_train'], '{:.3f}')} | "
-                         f"{f(d['kid_vs_train'])} |")
-            lines.append(f"| reconstructed test images (carry the test shift) | | | "
-                         f"{f(d['test_reconstructions_fd_vs_train'], '{:.3f}')} | |")
-    lines += _tstr_lines(metrics.get("tstr"), f)
-    if metrics.get("learned_prior_unavailable"):
-        lines += ["", f"learned prior not evaluated: {metrics['learned_prior_unavailable']}"]
-    if metrics.get("inception_unavailable"):
-        lines += ["", f"FID/KID not computed: {metrics['inception_unavailable']}"]
-    return "\n".join(lines)
+

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.std import tqdm
 
+from .data import CLASSES
 from .engine import eval_mode
 from .errors import SpatialVAEError
 from .viz import image_grid, sample_sheet, save_png
@@ -186,7 +187,7 @@ class GMMSampler:
                 "converged": bool(self.gmm.converged_), "n_iter": int(self.gmm.n_iter_)}
 
 
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0 and 1, as the datasets number them
+CLASS_NAMES = CLASSES  # label 0 and 1, as the datasets number them
 
 
 class PerClass:

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .features import FeatureNetConfig, train_feature_net
+from .report import fmt
 
 
 @dataclass
@@ -97,7 +98,7 @@ def run_tstr(real_train: LabelledImages, real_val: LabelledImages, test: Labelle
         res = repeated(synthetic, synthetic_val, test, cfg, repeats, device)
         res["ratio_to_real"] = res["balanced_accuracy"] / ref if ref > 0 else None
         out[name] = res
-        ratio = "n/a" if res["ratio_to_real"] is None else f"{res['ratio_to_real']:.2f}"
+        ratio = fmt(res["ratio_to_real"], "{:.2f}")
         log(f"TSTR {name}: balanced accuracy {res['balanced_accuracy']:.3f}, {ratio} x real ({res['seconds']:.0f} s)")
     return out
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from spatialvae.ablation import ablation_table
 from spatialvae.cli import main
 from spatialvae.config import flatten as flat
 from spatialvae.errors import ConfigError
+from spatialvae.report import ablation_table
 from spatialvae.training import get_beta, total_epochs
 from spatialvae.variants import VARIANT_NAMES, ablation_base, variant_configs
 

@@ -18,7 +18,7 @@ LAYERS = (
     ("model", "variants"),
     ("losses", "runs"),
     ("data", "viz"),
-    ("metrics", "sampling"),
+    ("metrics", "sampling", "report"),
     ("features", "prior", "training"),
     ("bench", "tstr"),
     ("evaluate",),

@@ -238,9 +238,8 @@ def _copy_run(run, tmp_path):
 @pytest.mark.parametrize("case", ["unknown label", "no prior", "other latent shape", "unfinished prior",
                                   "label with N(0, I)", "guidance without the learned prior"])
 def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_path, capsys):
-    from spatialvae.runs import atomic_torch_save
-
     from spatialvae.prior import prior_path
+    from spatialvae.runs import atomic_torch_save
 
     run = _copy_run(prior_run[0], tmp_path)
     args = ["sample", "--run", run, "--sampler", "learned", "--n", 4, "--out", tmp_path / "out.png"]
@@ -293,7 +292,8 @@ def test_prior_command_refuses_to_overwrite_and_retrains_with_force(prior_run, t
 def test_evaluate_has_learned_and_conditional_rows_and_tstr(prior_run, offline):
     import warnings
 
-    from spatialvae.evaluate import SAMPLERS, evaluate_run, metrics_table
+    from spatialvae.evaluate import SAMPLERS, evaluate_run
+    from spatialvae.report import metrics_table
 
     run, tree = prior_run
     with warnings.catch_warnings():
@@ -318,10 +318,9 @@ def test_evaluate_has_learned_and_conditional_rows_and_tstr(prior_run, offline):
 def test_evaluate_skips_an_unfinished_prior_with_a_note(prior_run, tmp_path, offline):
     import warnings
 
-    from spatialvae.runs import atomic_torch_save
-
     from spatialvae.evaluate import evaluate_run
     from spatialvae.prior import prior_path
+    from spatialvae.runs import atomic_torch_save
 
     run = _copy_run(prior_run[0], tmp_path)
     blob = torch.load(prior_path(run), weights_only=True)
@@ -371,8 +370,8 @@ def test_encode_originals_ignores_training_flips_and_restores_them(prior_run):
 
     from spatialvae.config import Config
     from spatialvae.data import as_float_images, make_datasets
-    from spatialvae.sampling import encode_dataset, encode_originals
     from spatialvae.runs import load_model
+    from spatialvae.sampling import encode_dataset, encode_originals
 
     run, tree = prior_run
     model, _, _ = load_model(run / "checkpoints" / "best.pt")

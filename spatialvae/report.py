@@ -1,0 +1,117 @@
+"""Markdown tables of results (evaluate, ablation, bench), all through one number formatter.
+
+Pure formatting of the dicts the measuring modules return (and write as JSON): nothing here
+computes, so a table can be rebuilt from a saved metrics.json / ablation.json / bench.json.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .config import Config, perceptual_mode
+from .data import CLASSES
+
+
+def fmt(value, spec: str = "{:.4f}") -> str:
+    """``value`` formatted with ``spec``, or "n/a" when it was not measured (None)."""
+    return "n/a" if value is None else spec.format(value)
+
+
+def _tstr_lines(tstr: Optional[dict]) -> list[str]:
+    if not tstr:
+        return []
+    lines = ["", f"| TSTR: trained on {tstr['per_class']} images per class, tested on real test "
+                 f"(mean of {tstr.get('repeats', 1)} classifier seeds) | accuracy | balanced accuracy (std) | x real |",
+             "|---|---:|---:|---:|"]
+    for name, r in tstr.items():
+        if isinstance(r, dict) and "balanced_accuracy" in r:
+            ratio = "1.00 (reference)" if name == "real" else fmt(r.get("ratio_to_real"), "{:.2f}")
+            lines.append(f"| {name} | {fmt(r['accuracy'], '{:.3f}')} | {fmt(r['balanced_accuracy'], '{:.3f}')} "
+                         f"({fmt(r.get('balanced_accuracy_std'), '{:.3f}')}) | {ratio} |")
+    return lines
+
+
+def metrics_table(metrics: dict) -> str:
+    """The headline numbers of a metrics.json as two markdown tables (reconstruction, samples)."""
+    rec = metrics["reconstruction"]
+    lines = [f"checkpoint epoch {metrics['checkpoint']['epoch']} | {metrics['preset']} | "
+             f"{metrics['image_size']} px | {metrics['perceptual_mode']}", "",
+             "| test reconstruction | n | SSIM | PSNR (dB) | L1 |", "|---|---:|---:|---:|---:|"]
+    for group in ("overall", *CLASSES):
+        r = rec.get(group)
+        if r:
+            lines.append(f"| {group} | {r['n']} | {fmt(r['ssim'])} | {fmt(r['psnr_db'], '{:.2f}')} | {fmt(r['l1'])} |")
+    floors = metrics.get("floors")
+    if floors:
+        n = rec["overall"]["n"]
+        pca, mean = floors["pca"], floors["mean_image"]
+        lines += [f"| floor: PCA, {pca['components']} components (fitted on train) | {n} | {fmt(pca['ssim'])} | "
+                  f"{fmt(pca['psnr_db'], '{:.2f}')} | |",
+                  f"| floor: the training mean image for everyone | {n} | {fmt(mean['ssim'])} | "
+                  f"{fmt(mean['psnr_db'], '{:.2f}')} | |"]
+    if rec.get("identity") is not None:
+        pca_id = f" (PCA: {100 * floors['pca']['identity']:.1f} %)" if floors else ""
+        dup = rec.get("test_images_with_a_duplicate") or 0
+        dup_note = f"; {dup} test images have an exact duplicate, which counts as their own" if dup else ""
+        lines += ["", f"identity: {100 * rec['identity']:.1f} % of test reconstructions are nearer (pixel MSE) to "
+                      f"their own original than to any other test image{pca_id}{dup_note}"]
+    ref = metrics["reference"]
+    lines += ["", f"| samples ({metrics['n_generated']} per sampler) | FID | KID | MS-SSIM diversity | "
+                  "NN-train RMSE (mean / min) |", "|---|---:|---:|---:|---:|"]
+    for name, s in metrics["samplers"].items():
+        lines.append(f"| {name} | {fmt(s['fid'], '{:.1f}')} | {fmt(s['kid_mean'])} | {fmt(s['ms_ssim_diversity']['mean'])} | "
+                     f"{fmt(s['nn_train_rmse']['mean'])} / {fmt(s['nn_train_rmse']['min'])} |")
+    tv = ref["train_vs_test"]
+    lines.append(f"| real train vs test (floor) | {fmt(tv['fid'], '{:.1f}')} | {fmt(tv['kid_mean'])} | "
+                 f"{fmt(ref['test_ms_ssim_diversity']['mean'])} | {fmt(ref['test_nn_train_rmse']['mean'])} / "
+                 f"{fmt(ref['test_nn_train_rmse']['min'])} |")
+    if ref.get("val_nn_train_rmse"):
+        lines.append(f"| real validation images (held-out patients) | | | | {fmt(ref['val_nn_train_rmse']['mean'])} / "
+                     f"{fmt(ref['val_nn_train_rmse']['min'])} |")
+    dom = metrics.get("domain")
+    if dom:
+        lines += ["", f"| domain features ({dom['feature_dim']}-d, extractor test accuracy "
+                      f"{dom['extractor_test_accuracy']:.3f}) | FD vs test | KID vs test | FD vs train | "
+                      "KID vs train |", "|---|---:|---:|---:|---:|"]
+        for name, s in metrics["samplers"].items():
+            lines.append(f"| {name} | {fmt(s['domain_fd'], '{:.3f}')} | {fmt(s['domain_kid_mean'])} | "
+                         f"{fmt(s['domain_fd_vs_train'], '{:.3f}')} | {fmt(s['domain_kid_vs_train'])} |")
+        fl, ft = dom["floor_train_vs_test"], dom["floor_train_vs_train"]
+        lines.append(f"| real train images (floor) | {fmt(fl['fd'], '{:.3f}')} | {fmt(fl['kid_mean'])} | "
+                     f"{fmt(ft['fd'], '{:.3f}')} | {fmt(ft['kid_mean'])} |")
+        if dom.get("decoder_floor"):
+            d = dom["decoder_floor"]
+            lines.append(f"| decoder floor: reconstructed train images | | | {fmt(d['fd_vs_train'], '{:.3f}')} | "
+                         f"{fmt(d['kid_vs_train'])} |")
+            lines.append(f"| reconstructed test images (carry the test shift) | | | "
+                         f"{fmt(d['test_reconstructions_fd_vs_train'], '{:.3f}')} | |")
+    lines += _tstr_lines(metrics.get("tstr"))
+    if metrics.get("learned_prior_unavailable"):
+        lines += ["", f"learned prior not evaluated: {metrics['learned_prior_unavailable']}"]
+    if metrics.get("inception_unavailable"):
+        lines += ["", f"FID/KID not computed: {metrics['inception_unavailable']}"]
+    return "\n".join(lines)
+
+
+def ablation_table(rows: list[dict], base: Optional[Config] = None) -> str:
+    """One markdown table: reconstruction on the test split (with identity), prior and GMM samples."""
+    head = ("| variant | change | params | train s | test SSIM | PSNR dB | identity | prior dFD | GMM dFD | "
+            "prior FID | GMM FID | prior MS-SSIM | GMM MS-SSIM |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        p, q = r["prior"], r.get("gmm") or {}
+        ident = r.get("test_identity")
+        lines.append(
+            f"| {r['variant']} | {r['change']} | {r['parameters'] / 1e6:.2f} M | {r['train_seconds']:.0f} | "
+            f"{fmt(r['test_ssim'], '{:.3f}')} | {fmt(r['test_psnr_db'], '{:.2f}')} | "
+            f"{fmt(None if ident is None else 100 * ident, '{:.1f} %')} | "
+            f"{fmt(p['domain_fd_vs_train'], '{:.1f}')} | {fmt(q.get('domain_fd_vs_train'), '{:.1f}')} | "
+            f"{fmt(p['fid'], '{:.1f}')} | {fmt(q.get('fid'), '{:.1f}')} | "
+            f"{fmt(p['ms_ssim_diversity'], '{:.3f}')} | {fmt(q.get('ms_ssim_diversity'), '{:.3f}')} |")
+    if base is not None:
+        lines += ["", f"{base.data.image_size} px, {base.train.phase1.epochs} + {base.train.phase2.epochs} epochs "
+                      f"per variant on the same images, seed {base.train.seed}; {perceptual_mode(base)}. "
+                      "dFD = domain Fréchet distance to training images in the X-ray feature space "
+                      "(lower is better; n/a without --features); FID n/a when the Inception weights are "
+                      "unavailable; MS-SSIM = mean pairwise MS-SSIM of samples (lower = more diverse)."]
+    return "\n".join(lines)
