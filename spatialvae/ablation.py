@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 from .config import Config, flatten, perceptual_mode
 from .data import make_datasets
 from .errors import ConfigError
-from .evaluate import evaluate_run
+from .evaluate import evaluate_run, load_eval_images
 from .features import build_features_file
 from .losses import build_loss
 from .model import build_model, count_parameters
@@ -33,7 +33,7 @@ from .report import ablation_table
 from .runs import atomic_write_bytes, make_logger, read_history_csv
 from .training import build_trainer, total_epochs
 from .variants import VARIANT_NAMES, VARIANTS, variant_configs
-from .viz import _plt, ablation_figure
+from .viz import ablation_figure, close_figure
 
 
 def _row(name: str, cfg: Config, run_dir: Path, metrics: dict, history: list[dict], images_per_epoch: int) -> dict:
@@ -144,7 +144,7 @@ def write_results(out: Path, rows: list[dict], base: Config) -> None:
     atomic_write_bytes(out / "ablation.json", (json.dumps({"rows": rows}, indent=2) + "\n").encode())
     atomic_write_bytes(out / "ablation.md", (ablation_table(rows, base) + "\n").encode())
     if rows:
-        fig = ablation_figure(rows, out / "ablation.png")
-        _plt().close(fig)
+        images = {r["variant"]: load_eval_images(r["run_dir"]) for r in rows}
+        close_figure(ablation_figure(rows, images, out / "ablation.png"))
 
 

@@ -56,7 +56,7 @@ from .metrics import (
     summarize,
 )
 from .prior import load_prior, prior_path
-from .runs import atomic_write_bytes, load_model
+from .runs import atomic_torch_save, atomic_write_bytes, load_model
 from .sampling import (
     CLASS_NAMES,
     PriorSampler,
@@ -69,6 +69,7 @@ from .sampling import (
     save_grid,
 )
 from .tstr import LabelledImages, run_tstr
+from .viz import interleave_rows
 
 # Unconditional, then class-conditional (one fit per class, or the learned prior with labels, drawn
 # in the training class mix); learned_label_free is the learned prior's label-free model.
@@ -144,14 +145,6 @@ def _class_balanced_indices(labels: torch.Tensor, k: int, seed: int) -> torch.Te
         rest = torch.tensor([i for i in range(len(labels)) if i not in taken], dtype=torch.long)
         got = torch.cat([got, rest[: k - len(got)]])
     return got
-
-
-def _reconstruction_sheet(originals: torch.Tensor, recons: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """Rows of `nrow` originals alternating with rows of their reconstructions -> (2N, C, H, W)."""
-    rows = []
-    for s in range(0, len(originals), nrow):
-        rows += [originals[s:s + nrow], recons[s:s + nrow]]
-    return torch.cat(rows)
 
 
 def _interpolation_sheet(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int,
@@ -369,11 +362,13 @@ def _write_metrics(run_dir: Path, metrics: dict) -> dict:
 
 
 def _reconstruction_block(model: nn.Module, test_u8: torch.Tensor, test_labels: torch.Tensor, batch_size: int,
-                          seed: int, out_dir: Path, pictures: dict) -> tuple[dict, torch.Tensor]:
+                          seed: int, out_dir: Path, pictures: dict, tensors: dict) -> tuple[dict, torch.Tensor]:
     """Test reconstructions: metrics with identity, the reconstruction and interpolation grids."""
     recon, recons = reconstruction_metrics(model, test_u8, test_labels, batch_size)
     pick = _class_balanced_indices(test_labels, 16, seed)
-    save_grid(_reconstruction_sheet(as_float_images(test_u8[pick]), recons[pick]), out_dir / "eval_reconstructions.png")
+    sheet = interleave_rows(as_float_images(test_u8[pick]), recons[pick])  # (32, 1, S, S)
+    save_grid(sheet, out_dir / "eval_reconstructions.png")
+    tensors["reconstructions"] = sheet[:16]  # 8 originals above their 8 reconstructions
     pictures["reconstructions"] = "samples/eval_reconstructions.png"
     save_grid(_interpolation_sheet(model, test_u8, test_labels, steps=8, n_pairs=4, seed=seed),
               out_dir / "eval_interpolation.png", nrow=10)
@@ -402,8 +397,8 @@ def _real_references(splits, train_subset: torch.Tensor, net: Optional[nn.Module
 
 
 def _sampler_row(name: str, model: nn.Module, prior, train_mu: torch.Tensor, train_labels: torch.Tensor, n_gen: int,
-                 scorer: "_SampleScorer", out_dir: Path, pictures: dict) -> tuple[object, dict]:
-    """Fit one sampler, draw n_gen images, score them and save its grids -> (sampler, its row)."""
+                 scorer: "_SampleScorer", out_dir: Path, pictures: dict) -> tuple[object, dict, torch.Tensor]:
+    """Fit one sampler, draw n_gen images, score them and save its grids -> (sampler, its row, the images)."""
     seed, batch_size = scorer.seed, scorer.batch_size
     t0 = time.perf_counter()
     sampler = _fit_sampler(name, model, seed, prior, train_mu, train_labels)
@@ -419,7 +414,7 @@ def _sampler_row(name: str, model: nn.Module, prior, train_mu: torch.Tensor, tra
     pictures[name] = f"samples/eval_{name}.png"
     if labels is not None and name != "learned_label_free":
         pictures.update(_class_grids(model, sampler, name, out_dir, seed, batch_size))
-    return sampler, row
+    return sampler, row, images
 
 
 def _run_header(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, model: nn.Module, device, splits, n_gen: int,
@@ -485,10 +480,10 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     domain_net, domain_info = _load_feature_file(features_path)
     net, inception_weights, inception_reason = load_inception(inception)
     splits, n_gen = _evaluation_data(cfg, data_root, n_samples, progress)
-    ctx = _Context(model, splits, device, seed, batch_size, progress, run_dir / "samples", {})
+    ctx = _Context(model, splits, device, seed, batch_size, progress, run_dir / "samples", {}, {})
 
     recon, recons = _reconstruction_block(model, splits.test.images, splits.test.labels, batch_size, seed,
-                                          ctx.out_dir, ctx.pictures)
+                                          ctx.out_dir, ctx.pictures, ctx.tensors)
     train_subset = seeded_subset(len(splits.train.images), n_gen, seed)
     reference, feats_test = _real_references(splits, train_subset, net, seed, batch_size, device, progress)
     refs, domain = None, None
@@ -512,7 +507,26 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
         **({"learned_prior_unavailable": prior_note} if prior_note is not None else {}),
     }
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
+    atomic_torch_save({k: (v * 255).round().to(torch.uint8) for k, v in ctx.tensors.items()}, eval_images_path(run_dir))
     return _write_metrics(run_dir, metrics)
+
+
+def eval_images_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "samples" / "eval_images.pt"
+
+
+def load_eval_images(run_dir: str | os.PathLike) -> dict:
+    """The first tiles of the last evaluation's grids ({"reconstructions": 8 originals above their
+    8 reconstructions, sampler name: 8 samples}, (N, 1, S, S) float in [0, 1]); {} when there are none.
+    Read with ``weights_only``: nothing in the file is executed."""
+    path = eval_images_path(run_dir)
+    if not path.is_file():
+        return {}
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged file only costs its pictures
+        return {}
+    return {k: v.float() / 255 for k, v in saved.items() if isinstance(v, torch.Tensor)} if isinstance(saved, dict) else {}
 
 
 @dataclass
@@ -526,6 +540,7 @@ class _Context:
     progress: bool
     out_dir: Path  # run_dir/samples: the grids
     pictures: dict  # grid name -> path relative to the run folder (metrics.json "images")
+    tensors: dict  # the first tiles of each grid, for figures drawn from tensors (samples/eval_images.pt)
 
 
 def _sampler_rows(ctx: _Context, samplers: Sequence[str], prior, scorer: "_SampleScorer", n_gen: int,
@@ -541,8 +556,9 @@ def _sampler_rows(ctx: _Context, samplers: Sequence[str], prior, scorer: "_Sampl
                                                 refs.ref_a_feats, ctx.seed, ctx.device)
     results, fitted = {}, {}
     for name in samplers:
-        fitted[name], results[name] = _sampler_row(name, ctx.model, prior, train_mu, ctx.splits.train.labels, n_gen,
-                                                   scorer, ctx.out_dir, ctx.pictures)
+        fitted[name], results[name], images = _sampler_row(name, ctx.model, prior, train_mu, ctx.splits.train.labels,
+                                                           n_gen, scorer, ctx.out_dir, ctx.pictures)
+        ctx.tensors[name] = images[:8]
     return results, fitted
 
 

@@ -18,16 +18,22 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.T
     return make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=padding, pad_value=1.0)[:1]
 
 
+def interleave_rows(originals: torch.Tensor, recons: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """Rows of ``nrow`` originals alternating with rows of their reconstructions -> (2N, C, H, W),
+    so a grid of ``nrow`` columns shows each original directly above its reconstruction."""
+    n = min(len(originals), len(recons))
+    rows = []
+    for start in range(0, n, nrow):
+        rows += [originals[start:min(start + nrow, n)], recons[start:min(start + nrow, n)]]
+    return torch.cat(rows)
+
+
 def sample_sheet(samples: torch.Tensor, originals: Optional[torch.Tensor] = None,
                  recons: Optional[torch.Tensor] = None, nrow: int = 8) -> torch.Tensor:
     """Prior samples on top; below, rows of originals alternating with their reconstructions."""
     parts = [image_grid(samples, nrow)]
     if originals is not None and recons is not None:
-        n = min(len(originals), len(recons))
-        rows = []
-        for start in range(0, n, nrow):
-            rows += [originals[start:start + nrow], recons[start:start + nrow]]
-        pairs = image_grid(torch.cat(rows), nrow)
+        pairs = image_grid(interleave_rows(originals, recons, nrow), nrow)
         width = max(p.shape[-1] for p in parts + [pairs])
         gap = torch.ones(1, 6, width)
         parts = [_pad_width(parts[0], width), gap, _pad_width(pairs, width)]
@@ -147,32 +153,24 @@ def plot_class_balance(counts: dict, path: str | os.PathLike | None = None):
     return _finish(fig, path)
 
 
-def grid_rows(path: str | os.PathLike, tile: int, n_rows: int, padding: int = 2):
-    """The first ``n_rows`` rows of a grid PNG written by `image_grid` (tiles of ``tile`` px)."""
+def ablation_figure(rows: list[dict], images: dict, path: str | os.PathLike | None = None):
+    """One row per ablation variant: test originals above their reconstructions, prior samples and
+    GMM (aggregate-posterior) samples. ``images``: {variant: {"reconstructions": (2k, 1, S, S)
+    interleaved, "prior": (k, 1, S, S), "gmm": (k, 1, S, S)}} in [0, 1] (see `evaluate.load_eval_images`)."""
     plt = _plt()
-    img = plt.imread(str(path))
-    if img.ndim == 3:
-        img = img[..., 0]  # grayscale saved as RGB(A)
-    return img[: padding + n_rows * (tile + padding)]
-
-
-def ablation_figure(rows: list[dict], path: str | os.PathLike | None = None, n_rows: int = 2):
-    """One row per ablation variant: test reconstructions (originals above their reconstructions),
-    prior samples and GMM (aggregate-posterior) samples, cropped from each run's evaluation grids."""
-    plt = _plt()
-    columns = [("eval_reconstructions.png", "test: original / reconstruction"),
-               ("eval_prior.png", "prior N(0, I) samples"),
-               ("eval_gmm.png", "GMM (aggregate posterior) samples")]
+    columns = [("reconstructions", "test: original / reconstruction"), ("prior", "prior N(0, I) samples"),
+               ("gmm", "GMM (aggregate posterior) samples")]
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(4.2 * len(columns), 1.25 * len(rows) + 0.4),
                              squeeze=False)
     for r, row in enumerate(rows):
-        for c, (name, title) in enumerate(columns):
+        for c, (key, title) in enumerate(columns):
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
-            png = Path(row["run_dir"]) / "samples" / name
-            if png.is_file():
-                ax.imshow(grid_rows(png, row["image_size"], n_rows), cmap="gray", vmin=0, vmax=1)
+            tiles = images.get(row["variant"], {}).get(key)
+            if tiles is not None:
+                ax.imshow(image_grid(tiles, nrow=len(tiles) // 2 if key == "reconstructions" else len(tiles))[0],
+                          cmap="gray", vmin=0, vmax=1)
             else:
                 ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
             if r == 0:
@@ -181,6 +179,11 @@ def ablation_figure(rows: list[dict], path: str | os.PathLike | None = None, n_r
                 ax.set_ylabel(row["variant"], fontsize=10, rotation=0, ha="right", va="center")
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def close_figure(fig) -> None:
+    """Free a figure once written (scripts that draw many)."""
+    _plt().close(fig)
 
 
 def time_to_quality_figure(curves: dict, path: str | os.PathLike | None = None, floors: Optional[dict] = None):

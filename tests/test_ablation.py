@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from spatialvae.cli import main
 from spatialvae.config import flatten as flat
@@ -150,3 +152,29 @@ def test_resuming_accepts_speed_switches_but_not_a_different_budget(tmp_path):
                                                     "data.root=/elsewhere"]))
     with pytest.raises(ConfigError, match="train.phase2.epochs"):
         _check_same_base(tmp_path, ablation_base("smoke", (1, 2), "off"))
+
+
+def test_interleave_rows_puts_each_original_above_its_reconstruction():
+    from spatialvae.viz import interleave_rows
+
+    orig = torch.arange(10.0).view(10, 1, 1, 1)
+    rec = 100 + orig
+    got = interleave_rows(orig, rec, nrow=4).flatten().tolist()
+    assert got == [0, 1, 2, 3, 100, 101, 102, 103, 4, 5, 6, 7, 104, 105, 106, 107, 8, 9, 108, 109]
+
+
+def test_ablation_figure_is_drawn_from_tensors(tmp_path):
+    from spatialvae.viz import ablation_figure, close_figure, image_grid
+
+    g = torch.Generator().manual_seed(0)
+    images = {"recipe": {"reconstructions": torch.rand(8, 1, 16, 16, generator=g),
+                         "prior": torch.rand(4, 1, 16, 16, generator=g), "gmm": torch.rand(4, 1, 16, 16, generator=g)}}
+    rows = [{"variant": "recipe"}, {"variant": "original"}]  # no tensors for `original`: "missing"
+    fig = ablation_figure(rows, images, tmp_path / "a.png")
+    axes = fig.axes
+    assert len(axes) == 6 and (tmp_path / "a.png").is_file()
+    shown = axes[1].images[0].get_array()  # the recipe's prior samples: one row of 4 tiles
+    assert np.allclose(np.asarray(shown), image_grid(images["recipe"]["prior"], nrow=4)[0].numpy())
+    assert np.asarray(axes[0].images[0].get_array()).shape == image_grid(images["recipe"]["reconstructions"], 4)[0].shape
+    assert not axes[3].images and axes[3].texts[0].get_text() == "missing"
+    close_figure(fig)

@@ -19,10 +19,10 @@ from spatialvae import evaluate as ev
 from spatialvae import metrics as M
 from spatialvae.config import get_preset
 from spatialvae.data import make_datasets
+from spatialvae.engine import seed_everything
 from spatialvae.errors import SpatialVAEError, WeightsError
 from spatialvae.losses import build_loss
 from spatialvae.model import build_model
-from spatialvae.engine import seed_everything
 from spatialvae.training import Trainer
 
 torch.set_num_threads(2)
@@ -184,6 +184,26 @@ def test_evaluate_run_offline_writes_metrics_with_null_fid(smoke_run, offline):
     assert m["checkpoint"]["path"].endswith("best.pt") and m["checkpoint"]["epoch"] >= 1
     assert m["preset"] == "smoke" and m["image_size"] == 32
     assert m["perceptual_mode"].startswith("perceptual term OFF") and m["seconds"] > 0
+
+    # The grids' first tiles as tensors, for figures drawn from tensors (the ablation figure).
+    tiles = ev.load_eval_images(run)
+    assert set(tiles) == {"reconstructions", *m["samplers"]}
+    assert tiles["reconstructions"].shape == (12, 1, 32, 32)  # 6 test images: 6 originals above 6 reconstructions
+    test = torch.stack([torch.from_numpy(im).float() / 255 for im in _test_images_in_sheet_order(m, tree)])
+    assert torch.allclose(tiles["reconstructions"][:6, 0], test, atol=1 / 255)
+    assert all(tiles[n].shape == (6, 1, 32, 32) and 0 <= tiles[n].min() <= tiles[n].max() <= 1 for n in m["samplers"])
+
+
+def _test_images_in_sheet_order(m, tree):
+    """The test images in the order the reconstruction sheet shows them (class-balanced seeded pick)."""
+    from spatialvae.config import get_preset
+    from spatialvae.data import make_datasets
+
+    cfg = get_preset("smoke")
+    cfg.data.root = str(tree["root"])
+    test = make_datasets(cfg.data, progress=False).test
+    pick = ev._class_balanced_indices(test.labels, 16, 0)
+    return [test.images[i].numpy() for i in pick]
 
 
 def test_evaluate_run_with_a_feature_network_fills_fid_and_kid(smoke_run, offline, monkeypatch):
