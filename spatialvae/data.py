@@ -32,7 +32,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -41,6 +41,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.std import tqdm
 
+from .config import DataConfig
 from .errors import DatasetError, short_reason
 from .runs import atomic_write
 
@@ -314,7 +315,11 @@ def _work_size(image_size: int) -> int:
     return 4 * image_size
 
 
-def _process_file(args: tuple[str, int, float, int]):
+def process_file(args: tuple[str, int, float, int]):
+    """The default decode of `load_split`: (path, image_size, clip, tiles) -> (image uint8 (S, S) or
+    None, original (width, height), original mode, None or why the file is unreadable). A replacement
+    (``load_split(decode=...)``, e.g. `bench`'s naive full-size decode) returns the same and must be
+    a module-level function, so worker processes can run it."""
     path, image_size, clip, tiles = args
     try:
         cv2.setNumThreads(1)  # one process per core already
@@ -336,7 +341,8 @@ def _unreadable_reason(path: str, e: Exception) -> str:
     return short_reason(e).replace(path, "<file>")
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
+    """The cores this process may use (its CPU affinity where the OS reports it)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS / Windows
@@ -408,10 +414,16 @@ def _save_cache(path: Path, split: PreprocessedSplit) -> None:
 _MEMO: dict[str, PreprocessedSplit] = {}  # in-process: train and val datasets share one decode
 
 
+def clear_memo() -> None:
+    """Forget the in-process decodes: the next `load_split` reads the cache file (or decodes)."""
+    _MEMO.clear()
+
+
 def load_split(entries: Sequence[FileEntry], image_size: int, clahe_clip: float = 2.0, clahe_tiles: int = 8,
                cache_dir: str | os.PathLike | None = None, use_cache: bool = True, workers: Optional[int] = None,
-               progress: bool = True, desc: str = "preprocess") -> PreprocessedSplit:
-    """Decode + CLAHE + resize every file once (all cores), or load the result from the cache."""
+               progress: bool = True, desc: str = "preprocess", decode: Optional[Callable] = None) -> PreprocessedSplit:
+    """Decode + CLAHE + resize every file once (all cores), or load the result from the cache.
+    ``decode``: default `process_file` (use_cache=False when replacing it: the cache key does not know it)."""
 
     key = cache_key(entries, image_size, clahe_clip, clahe_tiles)
     if use_cache and key in _MEMO:
@@ -425,8 +437,8 @@ def load_split(entries: Sequence[FileEntry], image_size: int, clahe_clip: float 
             _MEMO[key] = cached
             return cached
     jobs = [(e.path, image_size, clahe_clip, clahe_tiles) for e in entries]
-    workers = workers or _default_workers()
-    results = _map_with_progress(_process_file, jobs, workers, progress, desc)
+    workers = workers or default_workers()
+    results = _map_with_progress(decode or process_file, jobs, workers, progress, desc)
     ok = [(e, r) for e, r in zip(entries, results) if r[3] is None]
     skipped = {e.path: r[3] for e, r in zip(entries, results) if r[3] is not None}
     images = np.stack([r[0] for _, r in ok]) if ok else np.zeros((0, image_size, image_size), np.uint8)
@@ -506,26 +518,25 @@ class ChestXRayDataset(Dataset):
     per epoch from ``seed`` and ``set_epoch``, so it is reproducible and independent of workers.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, split: str = "train", image_size: int = 128,
-                 clahe_clip: float = 2.0, clahe_tiles: int = 8, hflip: Optional[bool] = None,
-                 val_split: str = "auto", val_fraction: float = 0.1, min_kaggle_val: int = 100,
-                 split_seed: int = 0, max_per_class: Optional[int] = None, seed: int = 0,
-                 cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                 preprocess_workers: Optional[int] = None, progress: bool = True,
-                 plan: Optional[SplitPlan] = None):
+    def __init__(self, split: str = "train", data_cfg: Optional[DataConfig] = None, plan: Optional[SplitPlan] = None,
+                 *, seed: int = 0, hflip: Optional[bool] = None, use_cache: bool = True, progress: bool = True):
+        """``data_cfg`` (default `DataConfig()`) sets the folder, preprocessing, cache and split;
+        ``plan`` (from `plan_splits`) is shared by the three splits of one `make_datasets` call.
+        ``hflip`` defaults to the config's for the train split and off for the others."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
-        self.plan = plan or plan_splits(root, val_split, val_fraction, min_kaggle_val, split_seed, max_per_class)
+        d = data_cfg or DataConfig()
+        self.plan = plan or plan_for(d)
         self.split = split
-        self.image_size = image_size
-        self.hflip = (split == "train") if hflip is None else hflip
+        self.image_size = d.image_size
+        self.hflip = (split == "train" and d.hflip) if hflip is None else hflip
         self.seed = seed
         entries = self.plan.files[split]
         if not entries:
             raise DatasetError(f"the {split} split is empty under {self.plan.root} "
                                f"(validation: {self.plan.val_reason}); check the dataset folder")
-        data = load_split(entries, image_size, clahe_clip, clahe_tiles, cache_dir, use_cache,
-                          preprocess_workers, progress, desc=split)
+        data = load_split(entries, d.image_size, d.clahe_clip, d.clahe_tiles, d.cache_dir, use_cache,
+                          d.preprocess_workers, progress, desc=split)
         if data.skipped:
             names = ", ".join(data.skipped)
             warnings.warn(f"{split}: skipped {len(data.skipped)} unreadable file(s): {names}",
@@ -575,18 +586,16 @@ class DataSplits:
     test: ChestXRayDataset
 
 
-def make_datasets(data_cfg, seed: int = 0, progress: bool = True, use_cache: bool = True) -> DataSplits:
+def make_datasets(data_cfg: DataConfig, seed: int = 0, progress: bool = True, use_cache: bool = True) -> DataSplits:
     """The three splits from a `DataConfig`, sharing one split plan (and one decode per file)."""
-    d = data_cfg
-    plan = plan_splits(d.root, d.val_split, d.val_fraction, d.min_kaggle_val, d.split_seed, d.max_per_class)
-    common = dict(image_size=d.image_size, clahe_clip=d.clahe_clip, clahe_tiles=d.clahe_tiles, seed=seed,
-                  cache_dir=d.cache_dir, use_cache=use_cache, preprocess_workers=d.preprocess_workers,
-                  progress=progress, plan=plan)
-    return DataSplits(
-        train=ChestXRayDataset(split="train", hflip=d.hflip, **common),
-        val=ChestXRayDataset(split="val", hflip=False, **common),
-        test=ChestXRayDataset(split="test", hflip=False, **common),
-    )
+    plan = plan_for(data_cfg)
+    common = dict(seed=seed, use_cache=use_cache, progress=progress)
+    return DataSplits(*(ChestXRayDataset(split, data_cfg, plan, **common) for split in ("train", "val", "test")))
+
+
+def plan_for(d: DataConfig) -> SplitPlan:
+    """The split plan (which files are train / val / test) a `DataConfig` asks for."""
+    return plan_splits(d.root, d.val_split, d.val_fraction, d.min_kaggle_val, d.split_seed, d.max_per_class)
 
 
 def make_dataloader(dataset: ChestXRayDataset, batch_size: int, train: bool, seed: int = 0,

@@ -6,13 +6,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from spatialvae import data as D
 from spatialvae.config import DataConfig
-from spatialvae.data import (ChestXRayDataset, FileEntry, UnreadableImageWarning, decode_grayscale,
-                             make_dataloader, make_datasets, patient_id, plan_splits, preprocess,
-                             resolve_data_root, split_by_patient)
+from spatialvae.data import (
+    ChestXRayDataset,
+    FileEntry,
+    UnreadableImageWarning,
+    decode_grayscale,
+    make_dataloader,
+    make_datasets,
+    patient_id,
+    plan_splits,
+    preprocess,
+    resolve_data_root,
+    split_by_patient,
+)
 from spatialvae.errors import DatasetError
 
 
@@ -68,7 +78,7 @@ def test_exact_counts_and_unreadable_files_are_skipped_with_one_warning(kaggle_t
     for split in ("train", "val", "test"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = ChestXRayDataset(split=split, image_size=32, plan=plan, progress=False)
+            ds = ChestXRayDataset(split, DataConfig(image_size=32), plan, progress=False)
         ours = [w for w in caught if issubclass(w.category, UnreadableImageWarning)]
         assert len(ours) == (1 if ds.skipped else 0)
         for p in ds.skipped:
@@ -95,12 +105,29 @@ def test_unusual_formats_decode_to_8bit_grayscale(tmp_path, kind):
     assert gray[:, :3].mean() < 20 and gray[:, -3:].mean() > 235
 
 
-@pytest.mark.parametrize("content", [b"", b"not an image", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00"])
-def test_broken_files_raise_in_decode(tmp_path, content):
+def _half_a_jpeg() -> bytes:
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(200, dtype=np.uint8), (160, 1))).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+# What Pillow raises, passed through unchanged (decode_grayscale promises OSError / ValueError and
+# `_unreadable_reason` relies on UnidentifiedImageError for "not an image"). The exact class is
+# checked: an UnidentifiedImageError is an OSError, so `raises(OSError)` alone could not tell them apart.
+@pytest.mark.parametrize("content,error,match", [
+    (b"", UnidentifiedImageError, "cannot identify image file"),  # zero bytes: no format recognises it
+    (b"not an image", UnidentifiedImageError, "cannot identify image file"),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", OSError, "Truncated File Read"),  # a JPEG header cut inside APP0
+    (_half_a_jpeg(), OSError, "image file is truncated"),  # opens fine, fails in load()
+], ids=["empty", "text", "jpeg-header-only", "half-a-jpeg"])
+@pytest.mark.parametrize("min_side", [0, 64])
+def test_broken_files_raise_in_decode(tmp_path, content, error, match, min_side):
     p = tmp_path / "bad.jpeg"
     p.write_bytes(content)
-    with pytest.raises(Exception):
-        decode_grayscale(str(p))
+    with pytest.raises(OSError, match=match) as e:
+        decode_grayscale(str(p), min_side=min_side)
+    assert e.type is error, f"{e.type.__name__}: {e.value}"
 
 
 def test_jpeg_reduced_decode_keeps_requested_side(tmp_path):
@@ -112,7 +139,7 @@ def test_jpeg_reduced_decode_keeps_requested_side(tmp_path):
 
 
 def test_dataset_items_are_float_in_unit_range_with_shape_1hw(kaggle_tree):
-    ds = _quiet(ChestXRayDataset, kaggle_tree["root"], "train", image_size=48, progress=False)
+    ds = _quiet(ChestXRayDataset, "train", DataConfig(root=str(kaggle_tree["root"]), image_size=48), progress=False)
     x, y = ds[0]
     assert x.shape == (1, 48, 48) and x.dtype == torch.float32
     stacked = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -210,9 +237,9 @@ def test_max_per_class_is_a_seeded_balanced_subset(kaggle_tree):
 
 def test_flip_is_seeded_per_epoch_and_only_flips(kaggle_tree):
     plan = plan_splits(kaggle_tree["root"], val_split="kaggle")
-    a = _quiet(ChestXRayDataset, split="train", image_size=32, plan=plan, seed=7, progress=False)
-    b = _quiet(ChestXRayDataset, split="train", image_size=32, plan=plan, seed=7, progress=False)
-    plain = _quiet(ChestXRayDataset, split="train", image_size=32, plan=plan, hflip=False, progress=False)
+    a = _quiet(ChestXRayDataset, "train", DataConfig(image_size=32), plan, seed=7, progress=False)
+    b = _quiet(ChestXRayDataset, "train", DataConfig(image_size=32), plan, seed=7, progress=False)
+    plain = _quiet(ChestXRayDataset, "train", DataConfig(image_size=32), plan, hflip=False, progress=False)
     for epoch in (0, 1):
         a.set_epoch(epoch)
         b.set_epoch(epoch)
@@ -228,7 +255,7 @@ def test_flip_is_seeded_per_epoch_and_only_flips(kaggle_tree):
     e0 = a._flip.clone()
     a.set_epoch(1)
     assert not torch.equal(e0, a._flip)
-    val = _quiet(ChestXRayDataset, split="val", image_size=32, plan=plan, progress=False)
+    val = _quiet(ChestXRayDataset, "val", DataConfig(image_size=32), plan, progress=False)
     assert not val.hflip and not val._flip.any()
 
 
@@ -243,11 +270,11 @@ def test_flip_rate_is_one_half():
 
 def test_second_load_comes_from_cache_without_decoding(kaggle_tree, monkeypatch, tmp_path):
     cache = tmp_path / "c"
-    first = _quiet(ChestXRayDataset, kaggle_tree["root"], "test", image_size=32, cache_dir=cache, progress=False)
+    first = _quiet(ChestXRayDataset, "test", DataConfig(root=str(kaggle_tree["root"]), image_size=32, cache_dir=str(cache)), progress=False)
     assert not first.from_cache and len(list(cache.glob("*.npz"))) == 1
     monkeypatch.setattr(D, "_MEMO", {})
-    monkeypatch.setattr(D, "_process_file", lambda *_: pytest.fail("decoded although cached"))
-    second = _quiet(ChestXRayDataset, kaggle_tree["root"], "test", image_size=32, cache_dir=cache, progress=False)
+    monkeypatch.setattr(D, "process_file", lambda *_: pytest.fail("decoded although cached"))
+    second = _quiet(ChestXRayDataset, "test", DataConfig(root=str(kaggle_tree["root"]), image_size=32, cache_dir=str(cache)), progress=False)
     assert second.from_cache
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert second.skipped == first.skipped == [str(kaggle_tree["root"] / "test" / "NORMAL" / "IM-0007-0001.jpeg")]
@@ -265,13 +292,12 @@ def test_cache_key_changes_with_parameters_and_files(kaggle_tree):
 
 def test_corrupt_cache_file_is_rebuilt(kaggle_tree, tmp_path, monkeypatch):
     cache = tmp_path / "c"
-    _quiet(ChestXRayDataset, kaggle_tree["root"], "val", image_size=32, val_split="kaggle", cache_dir=cache,
-           progress=False)
+    cfg = DataConfig(root=str(kaggle_tree["root"]), image_size=32, val_split="kaggle", cache_dir=str(cache))
+    _quiet(ChestXRayDataset, "val", cfg, progress=False)
     (npz,) = cache.glob("*.npz")
     npz.write_bytes(b"garbage")
-    monkeypatch.setattr(D, "_MEMO", {})
-    ds = _quiet(ChestXRayDataset, kaggle_tree["root"], "val", image_size=32, val_split="kaggle", cache_dir=cache,
-                progress=False)
+    D.clear_memo()
+    ds = _quiet(ChestXRayDataset, "val", cfg, progress=False)
     assert not ds.from_cache and len(ds) == 4
     assert np.load(npz, allow_pickle=False)["images"].shape == (4, 32, 32)
 
