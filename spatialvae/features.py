@@ -30,7 +30,7 @@ from tqdm.std import tqdm
 
 from .config import DataConfig
 from .data import as_float_images, make_datasets
-from .engine import seed_everything
+from .engine import default_device, seed_everything
 from .errors import CheckpointError, SpatialVAEError, short_reason
 from .metrics import fid_kid
 from .runs import atomic_torch_save
@@ -130,7 +130,7 @@ def train_feature_net(train, val, test, cfg: Optional[FeatureNetConfig] = None,
     """
 
     cfg = cfg or FeatureNetConfig()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -143,3 +143,18 @@ def real_data_root() -> Path:
     if not root:
         pytest.skip("SPATIALVAE_DATA is not set: point it at the chest_xray folder to run real-data tests")
     return Path(root)
+
+
+@pytest.fixture(params=["fake", "real"])
+def data_root(request) -> Path:
+    """A dataset folder for end-to-end tests (CLI training, the notebook), run once per kind:
+
+    * ``fake``: the chest_xray folder of `kaggle_tree` (always runs; 20 train / 2 val / 6 test readable
+      images after the default patient split), under the test's own ``tmp_path``;
+    * ``real``: ``$SPATIALVAE_DATA`` (skipped when it is not set).
+
+    ``tmp_path in data_root.parents`` tells a test which one it got.
+    """
+    if request.param == "fake":
+        return request.getfixturevalue("kaggle_tree")["root"]
+    return request.getfixturevalue("real_data_root")

@@ -1,11 +1,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import json
+import re
+import typing
+from pathlib import Path
 
 import pytest
 
 from spatialvae.config import PRESETS, Config, get_preset
 from spatialvae.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -86,14 +94,110 @@ def test_zero_total_epochs_is_rejected():
         cfg.with_overrides(["train.phase1.epochs=0", "train.phase2.epochs=0"])
 
 
-def test_every_field_has_a_default_reason_comment():
-    import inspect
+def _leaf_fields(cls=Config, prefix: str = ""):
+    """(dotted key, owning dataclass) of every settable field of Config, sections walked recursively."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, cls
 
-    from spatialvae import config
-    src = inspect.getsource(config)
-    for cls in (config.DataConfig, config.ModelConfig, config.LossConfig, config.PhaseConfig, config.TrainConfig):
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(f.type) or f.name.startswith("phase"):
-                continue
-            line = next(line for line in src.splitlines() if line.strip().startswith(f"{f.name}:"))
-            assert "#" in line, f"{cls.__name__}.{f.name} has no reason comment"
+
+LEAF_KEYS = [key for key, _ in _leaf_fields()]
+
+
+def _get(cfg, key: str):
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _as_set_value(value) -> str:
+    """A value as one would type it after --set (the command-line spelling, not JSON)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) if value else "[]"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def test_the_walk_finds_every_section():
+    # Guards the walk itself: if it missed a section, the per-field tests below would silently shrink.
+    sections = {key.rsplit(".", 1)[0] for key in LEAF_KEYS if "." in key}
+    assert sections >= {"data", "model", "loss", "train", "train.phase1", "train.phase2", "prior"}
+    assert "preset" in LEAF_KEYS and len(LEAF_KEYS) == len(set(LEAF_KEYS)) >= 60
+
+
+@pytest.mark.parametrize("key", LEAF_KEYS)
+def test_every_field_can_be_set_from_the_command_line_and_round_trips(key):
+    """Each field is reachable with --set, for every value the presets give it, and survives JSON."""
+    values = []
+    for name in sorted(PRESETS):
+        v = _get(get_preset(name), key)
+        if v not in values:
+            values.append(v)
+    for name in sorted(PRESETS):
+        cfg = get_preset(name)
+        # Its own value, typed as a string, gives back exactly the same config (type included).
+        same = cfg.with_overrides([f"{key}={_as_set_value(_get(cfg, key))}"])
+        assert same == cfg, (name, key)
+        assert type(_get(same, key)) is type(_get(cfg, key))
+    base = get_preset("seed")
+    for v in values:  # the values other presets use: a real change of this one field
+        changed = base.with_overrides([f"{key}={_as_set_value(v)}"])
+        assert _get(changed, key) == v and type(_get(changed, key)) is type(v)
+        assert [k for k in LEAF_KEYS if _get(changed, k) != _get(base, k)] == ([key] if v != _get(base, key) else [])
+        again = Config.from_json(changed.to_json())
+        assert again == changed and type(_get(again, key)) is type(v)
+        # A partial JSON file holding only this key (missing keys keep their defaults) sets it too.
+        *sections, leaf = key.split(".")
+        partial: dict = {leaf: json.loads(json.dumps(v))}
+        for sec in reversed(sections):
+            partial = {sec: partial}
+        assert _get(Config.from_dict(partial), key) == v
+
+
+def test_every_field_has_a_default_reason_comment():
+    """Every settable field documents why it has its default: a comment on its line in its own class,
+    or a comment block right above it (the config module is where the defaults are explained)."""
+    for key, cls in _leaf_fields():
+        name = key.rsplit(".", 1)[-1]
+        lines = inspect.getsource(cls).splitlines()
+        idx = [i for i, line in enumerate(lines) if re.match(rf"\s+{name}\s*:", line)]
+        assert len(idx) == 1, f"{cls.__name__}.{name}: not found once in its class body"
+        line, above = lines[idx[0]], lines[idx[0] - 1].strip()
+        comment = line.partition("#")[2]
+        assert comment.strip() or above.startswith("#"), f"{key} ({cls.__name__}.{name}) has no reason comment"
+
+
+def _readme_config_mentions() -> list:
+    text = (REPO / "README.md").read_text()
+    pattern = re.compile(r"(?<![\w./-])((?:data|model|loss|train|prior)(?:\.[A-Za-z_]\w*)+)(?:=([^\s`\"'\])},;]+))?")
+    found = []
+    for m in pattern.finditer(text):
+        key, value = m.group(1), m.group(2)
+        if key.rsplit(".", 1)[-1] in ("py", "pt", "log", "json", "csv", "png", "md"):
+            continue  # a file name such as prior.pt or train.log, not a config key
+        found.append((key, value))
+    return found
+
+
+def test_every_config_key_the_readme_names_exists_and_its_values_are_accepted():
+    mentions = _readme_config_mentions()
+    assert len({k for k, _ in mentions}) >= 20  # the README does document the config (guards the regex)
+    unknown = sorted({k for k, _ in mentions if k not in LEAF_KEYS})
+    assert not unknown, f"README names config keys that do not exist: {unknown}"
+    seed = get_preset("seed")
+    for key, value in mentions:
+        if value is None or re.fullmatch(r"[A-Z]+", value):
+            continue  # a bare key, or a placeholder such as data.batch_size=B
+        got = _get(seed.with_overrides([f"{key}={value}"]), key)
+        if got is None:
+            assert value.lower() in ("none", "null"), (key, value)
+        elif isinstance(got, (int, float)) and not isinstance(got, bool):
+            assert got == float(value), (key, value, got)
+        else:  # spelled back the way --set takes it (booleans in lower case)
+            assert _as_set_value(got) == (value.lower() if isinstance(got, bool) else value), (key, value, got)

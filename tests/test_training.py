@@ -11,12 +11,12 @@ import torch
 from torch.utils.data import Dataset
 
 from spatialvae.config import get_preset
+from spatialvae.engine import seed_everything
 from spatialvae.errors import CheckpointError
 from spatialvae.losses import build_loss
 from spatialvae.model import build_model
-from spatialvae.training import (Trainer, TrainingDivergedError, atomic_torch_save, create_run_dir,
-                                 final_beta, get_beta, load_checkpoint, phase_at, read_history_csv,
-                                 seed_everything)
+from spatialvae.runs import atomic_torch_save, create_run_dir, load_checkpoint, read_history_csv
+from spatialvae.training import Trainer, TrainingDivergedError, final_beta, get_beta, phase_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,12 +250,15 @@ def _cli(*args, env=None, timeout=300):
                           env=e, timeout=timeout)
 
 
-def test_cli_smoke_run_leaves_the_full_run_folder_and_resumes(real_data_root, tmp_path):
-    r = _cli("train", "--preset", "smoke", "--data", str(real_data_root), "--out", str(tmp_path / "runs"),
+def test_cli_smoke_run_leaves_the_full_run_folder_and_resumes(data_root, tmp_path):
+    # data_root: the fake Kaggle tree (always) and the real data (with SPATIALVAE_DATA), see conftest.
+    r = _cli("train", "--preset", "smoke", "--data", str(data_root), "--out", str(tmp_path / "runs"),
              "--set", "loss.perceptual_weight=0.1", "--set", "loss.vgg_weights=random", "--quiet")
     assert r.returncode == 0, r.stderr
     run = tmp_path / "runs" / "000-smoke"
     assert "RANDOM VGG16 features" in r.stdout  # the opt-in is said, not hidden
+    if tmp_path in data_root.parents:  # the fake tree: every readable image, patient-split (real: 16 per class)
+        assert "32 px, 20 train / 2 val images" in r.stdout
     for f in ("config.json", "history.csv", "train.log", "checkpoints/last.pt", "checkpoints/best.pt",
               "samples/epoch_003.png"):
         assert (run / f).is_file(), f
@@ -329,7 +332,7 @@ def test_monitor_logs_test_psnr_and_ssim_of_the_posterior_mean(tmp_path):
 
 
 def test_a_version_1_checkpoint_loads_as_the_literal_model_it_was(tmp_path):
-    from spatialvae.training import load_model
+    from spatialvae.runs import load_model
 
     cfg = smoke_cfg(**{"model.shortcut": "conv", "model.logvar_init": None, "loss.kl_reduction": "sum"})
     model = build_model(cfg)
