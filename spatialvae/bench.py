@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,13 +36,15 @@ from typing import Optional, Sequence
 
 import cv2
 import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from . import data as D
 from .config import get_preset
 from .engine import autocast_context, train_step
 from .errors import SpatialVAEError
 from .losses import build_loss
-from .model import build_model, count_parameters
+from .model import AttentionBlock, build_model, count_parameters
 from .runs import read_history_csv
 from .training import final_beta
 
@@ -351,6 +354,8 @@ def run_bench(data_root=None, preset: str = "seed", image_size: int = 128, batch
     out["models"] = [count_flops(p, size) for p, size in (("seed", 128), ("quick", 64), ("original", 128))]
     out["flops"] = next((m for m in out["models"] if (m["preset"], m["image_size"]) == (preset, image_size)),
                         None) or count_flops(preset, image_size)  # the timed model's, counted once
+    _say(progress, "attention: old vs new q/k/v layout, interleaved ...")
+    out["attention"] = bench_attention(batch=batch, step_preset=preset, step_image_size=image_size, step_batch=batch)
     rows = []
     for perc in perceptual:
         base = None
@@ -424,6 +429,8 @@ def bench_table(res: dict) -> str:
     lines = []
     m = res["machine"]
     lines.append(f"torch {m['torch']}, {m['cpus']} CPUs{', ' + m['cuda'] if m['cuda'] else ', no CUDA'}")
+    if "step" not in res:  # `bench --only attention`
+        return "\n".join(lines + ["", attention_table(res["attention"])])
     if "data" in res:
         d = res["data"]
         k = d["kaggle_size_preprocess"]
@@ -465,6 +472,8 @@ def bench_table(res: dict) -> str:
     t4 = res["t4_projection"]
     lines += [f"T4 projection of the {t4['epochs']}-epoch schedule ({t4['total_pflop']} PFLOP, FLOPs only): "
               + ", ".join(f"{h} h at {k}" for k, h in t4["hours"].items())]
+    if "attention" in res:
+        lines += ["", attention_table(res["attention"])]
     return "\n".join(lines)
 
 
@@ -547,8 +556,6 @@ def attention_old_layout(block, x):
     """`AttentionBlock.forward` as it was before issue 14, from the same block's weights (kept here
     only, to time against): q, k and v permuted straight out of the conv output, so on an NCHW input
     HW (not head_dim) is their unit-stride axis and SDPA takes the unfused math path."""
-    import torch.nn.functional as F
-
     b, c, h, w = x.shape
     qkv = block.qkv(block.norm(x))  # (B, 3C, H, W)
     qkv = qkv.reshape(b, 3, block.heads, c // block.heads, h * w)  # (B, 3, heads, d, HW)
@@ -561,8 +568,6 @@ def attention_old_layout(block, x):
 def _sdpa_kernels(fn) -> str:
     """The SDPA implementation(s) that ran in fn, from the profiler: "flash_attention_for_cpu" is
     the fused CPU kernel, "attention_math" the unfused one (bmm + softmax)."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     prefix = "aten::_scaled_dot_product_"
@@ -570,33 +575,41 @@ def _sdpa_kernels(fn) -> str:
                             if e.name.startswith(prefix) and not e.name.endswith("_backward")})) or "none"
 
 
-def _interleaved(fns: dict, rounds: int, sync) -> dict:
-    """Median seconds of each callable, all run once per round, the order reversed every other round:
-    load from other processes lands on every variant alike, so the ratio stays fair."""
+def _interleaved(fns: dict, rounds: int, sync, min_sample: float = 0.025) -> dict:
+    """Median seconds per call of each callable, all timed once per round, the order reversed every
+    other round: load from other processes lands on every variant alike, so the ratio stays fair.
+    A sample repeats the call until it lasts about ``min_sample`` (one preempted call is then a small
+    part of it, not the whole of it)."""
+    def once(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    calls = max(1, math.ceil(min_sample / max(min(once(fn) for fn in fns.values()), 1e-6)))
     times: dict = {k: [] for k in fns}
     for r in range(rounds):
         for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             sync()
             t0 = time.perf_counter()
-            fns[k]()
+            for _ in range(calls):
+                fns[k]()
             sync()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append((time.perf_counter() - t0) / calls)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_attention(batch: int = 32, presets: Sequence[str] = ("seed", "quick"), step_preset: Optional[str] = "quick",
+                    step_image_size: Optional[int] = None, step_batch: Optional[int] = None,
                     rounds: int = ATTENTION_ROUNDS, step_rounds: int = ATTENTION_STEP_ROUNDS, seed: int = 0) -> dict:
     """Old vs new q/k/v layout of the attention block, interleaved in this process (ratios old/new).
 
     Per preset: one AttentionBlock at that model's attention side, width and heads, batch ``batch``,
     NCHW (eager, evaluate, sample) and NHWC (`train.channels_last`), forward + backward and forward
     alone; which SDPA kernel each layout ran; the largest output difference. Then one forward + loss +
-    backward of the whole ``step_preset`` model at its own image size and batch, NCHW, with every
-    attention block computed the old way or the new."""
-    import types
-
-    from .model import AttentionBlock
-
+    backward of the whole ``step_preset`` model (at its own image size and batch unless given), NCHW,
+    with every attention block computed the old way or the new."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(seed)
@@ -645,11 +658,12 @@ def bench_attention(batch: int = 32, presets: Sequence[str] = ("seed", "quick"),
                          "ratio = old / new (above 1: the new layout is faster)"}
     if step_preset:
         cfg = get_preset(step_preset).with_overrides({"loss.perceptual_weight": 0.0})
+        size, n = step_image_size or cfg.data.image_size, step_batch or cfg.data.batch_size
+        cfg = cfg.with_overrides({"data.image_size": size})
         torch.manual_seed(seed)
         model = build_model(cfg).to(dev)
         loss_fn = build_loss(cfg).to(dev)
-        size, n = cfg.data.image_size, cfg.data.batch_size
-        x = torch.rand(n, 1, size, size, generator=gen).to(dev)
+        images = torch.rand(n, 1, size, size, generator=gen).to(dev)
         blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
         losses = {}
 
@@ -662,8 +676,8 @@ def bench_attention(batch: int = 32, presets: Sequence[str] = ("seed", "quick"),
                         m.__dict__.pop("forward", None)
                 torch.manual_seed(seed)  # the same posterior sample for both layouts
                 model.zero_grad(set_to_none=True)
-                recon, mu, logvar = model(x)
-                loss = loss_fn(recon, x, mu, logvar, 1e-3)[0]
+                recon, mu, logvar = model(images)
+                loss = loss_fn(recon, images, mu, logvar, 1e-3)[0]
                 loss.backward()
                 losses[layout] = loss.item()
             return go
@@ -682,7 +696,7 @@ def bench_attention(batch: int = 32, presets: Sequence[str] = ("seed", "quick"),
 
 
 def attention_only(batch: int = 32, progress: bool = True) -> dict:
-    """`bench --only attention`: the machine and `bench_attention`, nothing else (about a minute)."""
+    """`bench --only attention`: the machine and `bench_attention`, nothing else (~15 s on 2 idle cores)."""
     _say(progress, "attention: old vs new q/k/v layout, interleaved ...")
     cuda = torch.cuda.is_available()
     return {"machine": {"python": platform.python_version(), "torch": torch.__version__,
@@ -703,8 +717,10 @@ def attention_table(att: dict) -> str:
                      f"{r['max_abs_diff']:.1e} |")
     s = att.get("model_step")
     if s:
-        lines.append(f"whole {s['preset']} model, forward + loss + backward, batch {s['batch']} at {s['image_size']} px, "
-                     f"{s['memory_format']}: {s['seconds_old']:.3f} s old, {s['seconds_new']:.3f} s new, "
-                     f"{s['ratio']:.2f}x (loss difference {s['loss_rel_diff']:.1e} relative)")
-    lines.append(f"medians of {att['rounds']} interleaved rounds in one process (old/new above 1: the fix is faster)")
+        lines.append(f"whole {s['preset']} model, forward + loss + backward, batch {s['batch']} at "
+                     f"{s['image_size']} px, {s['memory_format']}: {s['seconds_old']:.3f} s old, "
+                     f"{s['seconds_new']:.3f} s new, {s['ratio']:.2f}x (losses differ by {s['loss_rel_diff']:.1e})")
+    rounds = f"{att['rounds']}" + (f" (whole model: {s['rounds']})" if s else "")
+    lines.append(f"medians of {rounds} interleaved rounds in one process (old/new above 1: the fix is faster); "
+                 "where old and new run the same kernel (NHWC), old/new is the noise floor")
     return "\n".join(lines)

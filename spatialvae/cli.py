@@ -334,7 +334,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     perceptual = {"both": (False, True), "off": (False,), "on": (True,)}[args.perceptual]
     if args.repeats < 1 or args.batch < 1:
         raise ConfigError(f"--repeats {args.repeats} and --batch {args.batch} must both be at least 1")
-    if args.only == "attention":  # issue 14's q/k/v layouts alone (about a minute): no data, no child processes
+    if args.only == "attention":  # issue 14's q/k/v layouts alone (~15 s): no data, no child processes
         res = attention_only(batch=args.batch, progress=not args.quiet)
         args.out = str(Path(args.out).with_name("bench_attention.json")) if args.out == "runs/bench.json" else args.out
     else:

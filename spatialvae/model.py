@@ -154,8 +154,11 @@ def zero_(module: nn.Module) -> nn.Module:
 class AttentionBlock(nn.Module):
     """Self-attention over all H*W positions, single- or multi-head, with a residual.
 
-    All heads go through one `scaled_dot_product_attention` call (fused kernel on GPU,
-    1/sqrt(head_dim) scaling); 16x16 = 256 tokens keeps the attention matrix small.
+    All heads go through one `scaled_dot_product_attention` call (fused kernel on CPU and GPU,
+    1/sqrt(head_dim) scaling); 16x16 = 256 tokens keeps the attention matrix small. The fused
+    kernels need q, k and v with head_dim as the unit-stride axis: the 1x1 convs run on an NHWC
+    (channels_last) tensor so that their output is laid out that way (NCHW would leave HW there and
+    send SDPA down the unfused math path: bench --only attention times both).
     """
 
     def __init__(self, ch: int, heads: int = 1, groups: int = 8, zero_init: bool = False):
@@ -175,9 +178,10 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
-        qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w)  # (B, 3, heads, d, HW)
-        q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)  # each (B, heads, HW, d)
+        hn = self.norm(x).contiguous(memory_format=torch.channels_last)  # (B, C, H, W) stored NHWC (no-op if so)
+        qkv = self.qkv(hn)  # (B, 3C, H, W), stored NHWC like its input
+        qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w)  # (B, 3, heads, d, HW): a view, d unit-stride
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)  # each (B, heads, HW, d), d unit-stride: fused SDPA
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
         out = out.transpose(2, 3).reshape(b, c, h, w)  # heads back into channels: (B, C, H, W)
         return x + self.proj(out)

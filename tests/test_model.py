@@ -12,8 +12,16 @@ import torch.nn as nn
 
 from spatialvae.config import Config, ModelConfig, get_preset
 from spatialvae.errors import ConfigError
-from spatialvae.model import (LOGVAR_MAX, LOGVAR_MIN, AttentionBlock, OriginalVAE, ResBlock, SpatialVAE,
-                              build_model, stage_plan)
+from spatialvae.model import (
+    LOGVAR_MAX,
+    LOGVAR_MIN,
+    AttentionBlock,
+    OriginalVAE,
+    ResBlock,
+    SpatialVAE,
+    build_model,
+    stage_plan,
+)
 
 torch.set_num_threads(2)
 
