@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from . import data as D
-from .config import get_preset
-from .engine import autocast_context, train_step
-from .errors import SpatialVAEError
+from .config import Config, DataConfig, get_preset
+from .engine import autocast_context, default_device, train_step
+from .errors import SpatialVAEError, short_reason
 from .losses import build_loss
 from .model import AttentionBlock, build_model, count_parameters
 from .runs import read_history_csv
@@ -106,50 +106,56 @@ class _PeakRss:
         self.peak = max(self.peak, _rss_mb())
 
 
-def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, setting: dict, repeats: int,
-                 device: str = "auto", seed: int = 0) -> dict:
-    """Time ``repeats`` training steps after warm-up; returns images/s, first loss, peak memory."""
-
-
-
-    s = StepSetting(**setting)
-    rss_before = _rss_mb()  # the interpreter + torch, before any model exists
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+def _step_config(preset: str, image_size: int, perceptual: bool) -> Config:
+    """The preset at ``image_size``; the perceptual term on (RANDOM VGG16 weights: the cost of the
+    ImageNet ones, no download) or off."""
     cfg = get_preset(preset).with_overrides({"data.image_size": image_size})
     if not perceptual:
         cfg.loss.perceptual_weight = 0.0
     elif cfg.loss.perceptual_weight == 0:  # presets that switch it off (smoke) get the recipe's 0.1
         cfg.loss.perceptual_weight = 0.1
     cfg.loss.vgg_weights = "random"
+    return cfg
+
+
+def _training_step(cfg: Config, s: StepSetting, dev: torch.device, batch: int, seed: int):
+    """The trainer's own step (engine.train_step) with the preset's lr, weight decay, clip and final
+    beta, sampling the posterior, on one seeded batch: what is timed is what trains -> step()."""
     torch.manual_seed(seed)
     model = build_model(cfg).to(dev)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "RANDOM VGG16" is stated in the table instead
         loss_fn = build_loss(cfg).to(dev)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.rand(batch, 1, image_size, image_size, generator=gen).to(dev)
-    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x = x.contiguous(memory_format=fmt)
+    size = cfg.data.image_size
+    memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
+    x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
+    x = x.contiguous(memory_format=memory_format)
+    model = model.to(memory_format=memory_format)
     step_model = torch.compile(model) if s.compile else model
-    # The trainer's own step (engine.train_step) with the preset's lr, weight decay, clip and final
-    # beta, sampling the posterior: what is timed is what trains.
     t = cfg.train
     first = t.phase1 if t.phase1.epochs > 0 else t.phase2
     opt = torch.optim.AdamW(model.parameters(), lr=first.lr, weight_decay=t.weight_decay)
-    beta = final_beta(t)
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.amp or "")
     if amp is not None and dev.type != "cuda":
         raise SpatialVAEError(f"{s.name}: autocast settings are measured on CUDA only")
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    params = list(model.parameters())
+    params, beta = list(model.parameters()), final_beta(t)
 
     def step() -> float:
         res = train_step(step_model, loss_fn, opt, scaler, x, beta, t.grad_clip, params,
                          autocast=lambda: autocast_context(dev, amp))
         return float(res.total)
+    return step
 
+
+def measure_step(preset: str, image_size: int, batch: int, perceptual: bool, setting: dict, repeats: int,
+                 device: str = "auto", seed: int = 0) -> dict:
+    """Time ``repeats`` training steps after warm-up; returns images/s, first loss, peak memory."""
+    s = StepSetting(**setting)
+    rss_before = _rss_mb()  # the interpreter + torch, before any model exists
+    dev = default_device(device)
+    step = _training_step(_step_config(preset, image_size, perceptual), s, dev, batch, seed)
+    sync = _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     sync()
@@ -258,72 +264,74 @@ def t4_projection(flops: dict, train_images: int = KAGGLE_TRAIN_IMAGES, val_imag
 # ---- data ------------------------------------------------------------------------------------------
 
 def _full_size_decode(args):
-    """A full-resolution cv2 decode, then the same CLAHE + resize: what per-epoch code usually does."""
-
-
+    """A full-resolution cv2 decode, then the same CLAHE + resize: what per-epoch code usually does
+    (a `data.load_split` decode hook; module-level so worker processes can run it)."""
     cv2.setNumThreads(1)
     path, size, clip, tiles = args
     gray = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
     return D.preprocess(gray, size, clip, tiles), (gray.shape[1], gray.shape[0]), "L", None
 
 
+def _kaggle_size_copies(train: list, n: int, folder: str) -> list:
+    """``n`` training images re-encoded at Kaggle's original size (~1500x1200 grayscale JPEGs)."""
+    entries = []
+    for i, e in enumerate(train[:n]):
+        big = cv2.resize(cv2.imread(e.path, cv2.IMREAD_GRAYSCALE), (1500, 1200), interpolation=cv2.INTER_CUBIC)
+        path = os.path.join(folder, f"IM-{i:04d}-0001.jpeg")
+        cv2.imwrite(path, big, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        entries.append(D.FileEntry(path, e.label, f"IM-{i:04d}"))
+    return entries
+
+
+def _preprocess_rates(entries: list, image_size: int, cores: int) -> dict:
+    """Images/s of the one-time preprocessing: all cores, one core, and a naive full-size decode."""
+    def rate(n_workers: int, decode=None) -> float:
+        t0 = time.perf_counter()
+        D.load_split(entries, image_size, workers=n_workers, use_cache=False, progress=False, decode=decode)
+        return round(len(entries) / (time.perf_counter() - t0), 1)
+
+    return {"images": len(entries), "images_per_s": rate(cores), "processes": cores,
+            "images_per_s_one_process": rate(1), "images_per_s_full_size_decode": rate(cores, _full_size_decode)}
+
+
+def _cached_epochs(ds, batch: int) -> dict:
+    """Median seconds of one epoch of batches from the in-memory cache, 0 and 2 loader workers."""
+    out = {}
+    for loader_workers in (0, 2):
+        loader = D.make_dataloader(ds, batch, train=True, num_workers=loader_workers)
+        times = []
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            t0 = time.perf_counter()
+            n = sum(int(xb.shape[0]) for xb, _ in loader)
+            times.append(time.perf_counter() - t0)
+        key = "cached_epoch" if loader_workers == 0 else "cached_epoch_2_workers"
+        out[key] = {"images": n, "seconds": round(statistics.median(times), 4), "batch": batch}
+    return out
+
+
 def bench_data(data_root, image_size: int = 128, kaggle_n: int = 200, batch: int = 32,
                workers: Optional[int] = None) -> dict:
     """Preprocessing rate (Kaggle-size; all cores, one core, naive full-size decode), cache load,
     cached epoch (0 and 2 loader workers) vs decoding every epoch."""
-
-
-    cores = workers or D._default_workers()
+    cores = workers or D.default_workers()
     plan = D.plan_splits(data_root)
-    train = plan.files["train"]
-    if not train:
+    if not plan.files["train"]:
         raise SpatialVAEError(f"no training images under {plan.root}")
     res: dict = {"cores": cores, "image_size": image_size}
-
-    def rate(entries, n_workers) -> float:
-        t0 = time.perf_counter()
-        D.load_split(entries, image_size, workers=n_workers, use_cache=False, progress=False)
-        return round(len(entries) / (time.perf_counter() - t0), 1)
-
     with tempfile.TemporaryDirectory() as tmp:
-        entries = []
-        for i, e in enumerate(train[:kaggle_n]):  # Kaggle's originals are ~1500x1200 grayscale JPEGs
-            gray = cv2.imread(e.path, cv2.IMREAD_GRAYSCALE)
-            big = cv2.resize(gray, (1500, 1200), interpolation=cv2.INTER_CUBIC)
-            p = os.path.join(tmp, f"IM-{i:04d}-0001.jpeg")
-            cv2.imwrite(p, big, [cv2.IMWRITE_JPEG_QUALITY, 95])
-            entries.append(D.FileEntry(p, e.label, f"IM-{i:04d}"))
-        all_cores = rate(entries, cores)
-        one = rate(entries, 1)
-        reduced_decode = D._process_file
-        D._process_file = _full_size_decode  # module-level, so the worker processes see it too (fork)
-        try:
-            naive = rate(entries, cores)
-        finally:
-            D._process_file = reduced_decode
-        res["kaggle_size_preprocess"] = {"images": len(entries), "images_per_s": all_cores, "processes": cores,
-                                         "images_per_s_one_process": one,
-                                         "images_per_s_full_size_decode": naive}
-
-        cache = Path(tmp) / "cache"
-        D.ChestXRayDataset(data_root, "train", image_size=image_size, cache_dir=cache, progress=False)
-        D._MEMO.clear()  # the next load reads the file, not the in-process memo
+        entries = _kaggle_size_copies(plan.files["train"], kaggle_n, tmp)
+        res["kaggle_size_preprocess"] = k = _preprocess_rates(entries, image_size, cores)
+        cfg = DataConfig(root=str(plan.root), image_size=image_size, cache_dir=str(Path(tmp) / "cache"))
+        D.ChestXRayDataset("train", cfg, plan, progress=False)  # decodes and writes the cache
+        D.clear_memo()  # the next load reads the file, not the in-process memo
         t0 = time.perf_counter()
-        ds = D.ChestXRayDataset(data_root, "train", image_size=image_size, cache_dir=cache, progress=False)
+        ds = D.ChestXRayDataset("train", cfg, plan, progress=False)
         res["cache_load_seconds"] = round(time.perf_counter() - t0, 3)
         res["cache_images"] = len(ds)
-        for loader_workers in (0, 2):
-            loader = D.make_dataloader(ds, batch, train=True, num_workers=loader_workers)
-            times = []
-            for epoch in range(3):
-                ds.set_epoch(epoch)
-                t0 = time.perf_counter()
-                n = sum(int(xb.shape[0]) for xb, _ in loader)
-                times.append(time.perf_counter() - t0)
-            key = "cached_epoch" if loader_workers == 0 else "cached_epoch_2_workers"
-            res[key] = {"images": n, "seconds": round(statistics.median(times), 4), "batch": batch}
-        res["decode_every_epoch_seconds"] = round(len(ds) / all_cores, 2)  # at the Kaggle-size rate above
-        res["decode_vs_cached"] = round(len(ds) / all_cores / max(res["cached_epoch"]["seconds"], 1e-9), 1)
+        res.update(_cached_epochs(ds, batch))
+    res["decode_every_epoch_seconds"] = round(len(ds) / k["images_per_s"], 2)  # at the Kaggle-size rate above
+    res["decode_vs_cached"] = round(len(ds) / k["images_per_s"] / max(res["cached_epoch"]["seconds"], 1e-9), 1)
     return res
 
 
@@ -342,9 +350,7 @@ def run_bench(data_root=None, preset: str = "seed", image_size: int = 128, batch
                               f"{', '.join(s.name for s in all_settings)}")
     if chosen[0].name != "eager":
         chosen = [CPU_SETTINGS[0]] + [s for s in chosen if s.name != "eager"]  # ratios need the baseline
-    out: dict = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                             "cuda": torch.cuda.get_device_name(0) if cuda else None},
+    out: dict = {"machine": machine(),
                  "step": {"preset": preset, "image_size": image_size, "batch": batch, "repeats": repeats,
                           "what": "forward + loss + backward + clip + AdamW step; perceptual = RANDOM VGG16"}}
     if not skip_data:
@@ -412,80 +418,6 @@ def recommend(rows: list[dict]) -> dict:
     return rec
 
 
-def setting_flags(name: str) -> str:
-    """The `train --set` flags that select a measured setting (AMP is already on by default on CUDA)."""
-    flags = []
-    if "channels_last" in name:
-        flags.append("--set train.channels_last=true")
-    if "compile" in name:
-        flags.append("--set train.compile=true")
-    return " ".join(flags) or "(the defaults)"
-
-
-def bench_table(res: dict) -> str:
-    def f(v, fmt):
-        return "n/a" if v is None else fmt.format(v)
-
-    lines = []
-    m = res["machine"]
-    lines.append(f"torch {m['torch']}, {m['cpus']} CPUs{', ' + m['cuda'] if m['cuda'] else ', no CUDA'}")
-    if "step" not in res:  # `bench --only attention`
-        return "\n".join(lines + ["", attention_table(res["attention"])])
-    if "data" in res:
-        d = res["data"]
-        k = d["kaggle_size_preprocess"]
-        lines += ["", "| data | figure |", "|---|---:|",
-                  f"| one-time preprocessing, Kaggle-size 1500x1200 JPEG, {k['processes']} processes | "
-                  f"{k['images_per_s']:.0f} img/s |",
-                  f"| the same, one process | {k['images_per_s_one_process']:.0f} img/s |",
-                  f"| the same, naive full-size decode, {k['processes']} processes | "
-                  f"{k['images_per_s_full_size_decode']:.0f} img/s |",
-                  f"| cache file load ({d['cache_images']} train images at {d['image_size']} px) | "
-                  f"{d['cache_load_seconds']:.2f} s |",
-                  f"| one epoch of batches from the cache, num_workers=0 | {d['cached_epoch']['seconds']:.3f} s |",
-                  f"| the same, num_workers=2 | {d['cached_epoch_2_workers']['seconds']:.3f} s |",
-                  f"| one epoch decoding Kaggle-size originals instead | {d['decode_every_epoch_seconds']:.1f} s "
-                  f"({d['decode_vs_cached']:.0f}x) |"]
-        if "data_share_of_epoch" in d:
-            lines.append(f"| cached data time / eager training epoch ({d['model_epoch_seconds']:.0f} s) | "
-                         f"{d['data_share_of_epoch'] * 100:.2f}% |")
-    st = res["step"]
-    lines += ["", "| model | image | parameters | latent | GFLOPs/image forward | fwd+bwd | fwd+bwd with VGG16 loss |",
-              "|---|---:|---:|---|---:|---:|---:|"]
-    for fl in res.get("models", [res["flops"]]):
-        lines.append(f"| {fl['preset']} | {fl['image_size']} | {fl['parameters']:,} | {tuple(fl['latent_shape'])} | "
-                     f"{fl['model_forward'] / 1e9:.2f} | {fl['model_forward_backward'] / 1e9:.2f} | "
-                     f"{fl['with_perceptual_forward_backward'] / 1e9:.2f} |")
-    lines += ["", f"| training step, batch {st['batch']} at {st['image_size']} px | perceptual | img/s | "
-                  "vs eager | step s | warm-up s | peak MB | safe |", "|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in res["steps"]:
-        if "error" in r:
-            lines.append(f"| {r['setting']} | {'on' if r['perceptual'] else 'off'} | unavailable: {r['error']} "
-                         "| | | | | |")
-            continue
-        lines.append(f"| {r['setting']} | {'on' if r['perceptual'] else 'off'} | {r['images_per_s']:.1f} | "
-                     f"{f(r['speedup'], '{:.2f}x')} | {r['median_step_seconds']:.2f} | {r['warmup_seconds']:.1f} | "
-                     f"{r['peak_memory_mb']:.0f} | {'yes' if r['safe'] else 'no'} |")
-    rec = res["recommended"]
-    lines += [""] + [f"fastest safe setting, {k.replace('_', ' ')}: {v['setting']} ({f(v['speedup'], '{:.2f}x')}"
-                     f" eager) -> train {setting_flags(v['setting'])}" for k, v in rec.items()]
-    t4 = res["t4_projection"]
-    lines += [f"T4 projection of the {t4['epochs']}-epoch schedule ({t4['total_pflop']} PFLOP, FLOPs only): "
-              + ", ".join(f"{h} h at {k}" for k, h in t4["hours"].items())]
-    if "attention" in res:
-        lines += ["", attention_table(res["attention"])]
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # the child process of _run_in_child
-    try:
-        print(json.dumps(measure_step(**json.loads(sys.argv[1]))))
-    except Exception as e:  # reported as this setting's "error", never a crash of the whole bench
-        from .errors import short_reason
-        print(f"{type(e).__name__}: {short_reason(e)}", file=sys.stderr)
-        sys.exit(1)
-
-
 # ---- time to quality -----------------------------------------------------------------------------
 
 def time_to_quality(run_dirs: list, thresholds: tuple = (20.0, 24.0, 27.1, 28.7)) -> dict:
@@ -531,20 +463,6 @@ def _floors(run_dirs: list) -> dict:
                 return {f"PCA, {f['pca']['components']} components": f["pca"],
                         "training mean image": f["mean_image"]}
     return {}
-
-
-def time_to_quality_table(res: dict) -> str:
-    rows = res["table"]
-    keys = list(rows[0]["minutes_to_db"]) if rows else []
-    head = ("| run | epochs | minutes | test PSNR end of phase 1 | final PSNR | final SSIM | "
-            + " | ".join(f"min to {k} dB" for k in keys) + " |")
-    lines = [head, "|---" * (6 + len(keys)) + "|"]
-    for r in rows:
-        p1 = "n/a" if r["end_of_phase1_psnr"] is None else f"{r['end_of_phase1_psnr']:.2f}"
-        reach = " | ".join("never" if v is None else f"{v:.1f}" for v in r["minutes_to_db"].values())
-        lines.append(f"| {r['run']} | {r['epochs']} | {r['minutes']:.1f} | {p1} | {r['final_psnr']:.2f} | "
-                     f"{r['final_ssim']:.3f} | {reach} |")
-    return "\n".join(lines)
 
 
 # ---- attention q/k/v layout (issue 14) -----------------------------------------------------------
@@ -610,117 +528,119 @@ def bench_attention(batch: int = 32, presets: Sequence[str] = ("seed", "quick"),
     alone; which SDPA kernel each layout ran; the largest output difference. Then one forward + loss +
     backward of the whole ``step_preset`` model (at its own image size and batch unless given), NCHW,
     with every attention block computed the old way or the new."""
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    dev = default_device()
     gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for preset in presets:
-        cfg = get_preset(preset)
-        if not cfg.model.attention_resolutions:
-            continue
-        torch.manual_seed(seed)
-        ref = next(m for m in build_model(cfg).modules() if isinstance(m, AttentionBlock))  # the encoder's
-        side = cfg.model.attention_resolutions[0]
-        block = AttentionBlock(ref.ch, ref.heads, cfg.model.norm_groups).to(dev)  # non-zero proj: outputs compare
-        x0 = torch.randn(batch, ref.ch, side, side, generator=gen).to(dev)
-        for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
-            block = block.to(memory_format=fmt)
-            x = x0.contiguous(memory_format=fmt).requires_grad_()
-            layouts = {"old": lambda t: attention_old_layout(block, t), "new": block}
-
-            def train(fn):
-                def go():
-                    x.grad = None
-                    block.zero_grad(set_to_none=True)
-                    fn(x).sum().backward()
-                return go
-
-            def infer(fn):
-                def go():
-                    with torch.no_grad():
-                        fn(x)
-                return go
-
-            with torch.no_grad():
-                diff = (layouts["old"](x) - layouts["new"](x)).abs().max().item()
-            kernels = {k: _sdpa_kernels(train(fn)) for k, fn in layouts.items()}  # also the warm-up
-            fb = _interleaved({k: train(fn) for k, fn in layouts.items()}, rounds, sync)
-            fw = _interleaved({k: infer(fn) for k, fn in layouts.items()}, rounds, sync)
-            rows.append({"preset": preset, "side": side, "channels": ref.ch, "heads": ref.heads, "batch": batch,
-                         "memory_format": fmt_name, "kernel_old": kernels["old"], "kernel_new": kernels["new"],
-                         "max_abs_diff": diff,
-                         "fwd_bwd_seconds_old": round(fb["old"], 5), "fwd_bwd_seconds_new": round(fb["new"], 5),
-                         "fwd_bwd_ratio": round(fb["old"] / fb["new"], 3),
-                         "forward_seconds_old": round(fw["old"], 5), "forward_seconds_new": round(fw["new"], 5),
-                         "forward_ratio": round(fw["old"] / fw["new"], 3)})
+    rows = [row for preset in presets if get_preset(preset).model.attention_resolutions
+            for row in _attention_block_rows(preset, batch, rounds, seed, gen, dev)]
     res: dict = {"rows": rows, "rounds": rounds, "device": str(dev), "threads": torch.get_num_threads(),
                  "what": "median seconds over interleaved rounds (old, new / new, old ...) in one process; "
                          "ratio = old / new (above 1: the new layout is faster)"}
     if step_preset:
-        cfg = get_preset(step_preset).with_overrides({"loss.perceptual_weight": 0.0})
-        size, n = step_image_size or cfg.data.image_size, step_batch or cfg.data.batch_size
-        cfg = cfg.with_overrides({"data.image_size": size})
-        torch.manual_seed(seed)
-        model = build_model(cfg).to(dev)
-        loss_fn = build_loss(cfg).to(dev)
-        images = torch.rand(n, 1, size, size, generator=gen).to(dev)
-        blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
-        losses = {}
+        res["model_step"] = _attention_model_step(step_preset, step_image_size, step_batch, step_rounds, seed, gen, dev)
+    return res
 
-        def step(layout):
+
+def _sync(dev: torch.device):
+    return torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+
+def _attention_block_rows(preset: str, batch: int, rounds: int, seed: int, gen, dev) -> list[dict]:
+    """One preset's attention block, old vs new layout, in NCHW and NHWC -> two rows."""
+    cfg = get_preset(preset)
+    torch.manual_seed(seed)
+    ref = next(m for m in build_model(cfg).modules() if isinstance(m, AttentionBlock))  # the encoder's
+    side = cfg.model.attention_resolutions[0]
+    block = AttentionBlock(ref.ch, ref.heads, cfg.model.norm_groups).to(dev)  # non-zero proj: outputs compare
+    x0 = torch.randn(batch, ref.ch, side, side, generator=gen).to(dev)
+    rows = []
+    for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
+        block = block.to(memory_format=fmt)
+        x = x0.contiguous(memory_format=fmt).requires_grad_()
+        layouts = {"old": lambda t: attention_old_layout(block, t), "new": block}
+
+        def train(fn):
             def go():
-                for m in blocks:  # an instance attribute shadows the class's forward; deleting it restores it
-                    if layout == "old":
-                        m.forward = types.MethodType(attention_old_layout, m)
-                    else:
-                        m.__dict__.pop("forward", None)
-                torch.manual_seed(seed)  # the same posterior sample for both layouts
-                model.zero_grad(set_to_none=True)
-                recon, mu, logvar = model(images)
-                loss = loss_fn(recon, images, mu, logvar, 1e-3)[0]
-                loss.backward()
-                losses[layout] = loss.item()
+                x.grad = None
+                block.zero_grad(set_to_none=True)
+                fn(x).sum().backward()
             return go
 
-        for layout in ("old", "new"):
-            step(layout)()  # warm-up
-        t = _interleaved({k: step(k) for k in ("old", "new")}, step_rounds, sync)
-        step("new")()  # leaves the model as built
-        res["model_step"] = {"preset": step_preset, "image_size": size, "batch": n, "memory_format": "NCHW",
-                             "attention_blocks": len(blocks), "rounds": step_rounds,
-                             "what": "forward + loss (no perceptual term) + backward, no optimizer step",
-                             "seconds_old": round(t["old"], 4), "seconds_new": round(t["new"], 4),
-                             "ratio": round(t["old"] / t["new"], 3),
-                             "loss_rel_diff": abs(losses["old"] - losses["new"]) / max(abs(losses["old"]), 1e-12)}
-    return res
+        def infer(fn):
+            def go():
+                with torch.no_grad():
+                    fn(x)
+            return go
+
+        with torch.no_grad():
+            diff = (layouts["old"](x) - layouts["new"](x)).abs().max().item()
+        kernels = {k: _sdpa_kernels(train(fn)) for k, fn in layouts.items()}  # also the warm-up
+        fb = _interleaved({k: train(fn) for k, fn in layouts.items()}, rounds, _sync(dev))
+        fw = _interleaved({k: infer(fn) for k, fn in layouts.items()}, rounds, _sync(dev))
+        rows.append({"preset": preset, "side": side, "channels": ref.ch, "heads": ref.heads, "batch": batch,
+                     "memory_format": fmt_name, "kernel_old": kernels["old"], "kernel_new": kernels["new"],
+                     "max_abs_diff": diff,
+                     "fwd_bwd_seconds_old": round(fb["old"], 5), "fwd_bwd_seconds_new": round(fb["new"], 5),
+                     "fwd_bwd_ratio": round(fb["old"] / fb["new"], 3),
+                     "forward_seconds_old": round(fw["old"], 5), "forward_seconds_new": round(fw["new"], 5),
+                     "forward_ratio": round(fw["old"] / fw["new"], 3)})
+    return rows
+
+
+def _attention_model_step(preset: str, image_size: Optional[int], batch: Optional[int], rounds: int, seed: int,
+                          gen, dev) -> dict:
+    """One forward + loss + backward of the whole model, NCHW, every attention block old vs new."""
+    cfg = get_preset(preset).with_overrides({"loss.perceptual_weight": 0.0})
+    size, n = image_size or cfg.data.image_size, batch or cfg.data.batch_size
+    cfg = cfg.with_overrides({"data.image_size": size})
+    torch.manual_seed(seed)
+    model, loss_fn = build_model(cfg).to(dev), build_loss(cfg).to(dev)
+    images = torch.rand(n, 1, size, size, generator=gen).to(dev)
+    blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+    losses = {}
+
+    def step(layout):
+        def go():
+            for m in blocks:  # an instance attribute shadows the class's forward; deleting it restores it
+                if layout == "old":
+                    m.forward = types.MethodType(attention_old_layout, m)
+                else:
+                    m.__dict__.pop("forward", None)
+            torch.manual_seed(seed)  # the same posterior sample for both layouts
+            model.zero_grad(set_to_none=True)
+            recon, mu, logvar = model(images)
+            loss = loss_fn(recon, images, mu, logvar, 1e-3)[0]
+            loss.backward()
+            losses[layout] = loss.item()
+        return go
+
+    for layout in ("old", "new"):
+        step(layout)()  # warm-up
+    t = _interleaved({k: step(k) for k in ("old", "new")}, rounds, _sync(dev))
+    step("new")()  # leaves the model as built
+    return {"preset": preset, "image_size": size, "batch": n, "memory_format": "NCHW",
+            "attention_blocks": len(blocks), "rounds": rounds,
+            "what": "forward + loss (no perceptual term) + backward, no optimizer step",
+            "seconds_old": round(t["old"], 4), "seconds_new": round(t["new"], 4), "ratio": round(t["old"] / t["new"], 3),
+            "loss_rel_diff": abs(losses["old"] - losses["new"]) / max(abs(losses["old"]), 1e-12)}
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cuda = torch.cuda.is_available()
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if cuda else None}
 
 
 def attention_only(batch: int = 32, progress: bool = True) -> dict:
     """`bench --only attention`: the machine and `bench_attention`, nothing else (~15 s on 2 idle cores)."""
     _say(progress, "attention: old vs new q/k/v layout, interleaved ...")
-    cuda = torch.cuda.is_available()
-    return {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                        "cuda": torch.cuda.get_device_name(0) if cuda else None},
-            "attention": bench_attention(batch=batch)}
+    return {"machine": machine(), "attention": bench_attention(batch=batch)}
 
 
-def attention_table(att: dict) -> str:
-    lines = [f"| attention block, q/k/v layout ({att['device']}, {att['threads']} threads) | format | "
-             "SDPA old -> new | fwd+bwd s old | new | old/new | forward s old | new | old/new | max diff |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in att["rows"]:
-        lines.append(f"| {r['preset']}: {r['side']}x{r['side']}, {r['channels']} ch, {r['heads']} head(s), "
-                     f"batch {r['batch']} | {r['memory_format']} | {r['kernel_old']} -> {r['kernel_new']} | "
-                     f"{r['fwd_bwd_seconds_old']:.4f} | {r['fwd_bwd_seconds_new']:.4f} | {r['fwd_bwd_ratio']:.2f}x | "
-                     f"{r['forward_seconds_old']:.4f} | {r['forward_seconds_new']:.4f} | {r['forward_ratio']:.2f}x | "
-                     f"{r['max_abs_diff']:.1e} |")
-    s = att.get("model_step")
-    if s:
-        lines.append(f"whole {s['preset']} model, forward + loss + backward, batch {s['batch']} at "
-                     f"{s['image_size']} px, {s['memory_format']}: {s['seconds_old']:.3f} s old, "
-                     f"{s['seconds_new']:.3f} s new, {s['ratio']:.2f}x (losses differ by {s['loss_rel_diff']:.1e})")
-    rounds = f"{att['rounds']}" + (f" (whole model: {s['rounds']})" if s else "")
-    lines.append(f"medians of {rounds} interleaved rounds in one process (old/new above 1: the fix is faster); "
-                 "where old and new run the same kernel (NHWC), old/new is the noise floor")
-    return "\n".join(lines)
+if __name__ == "__main__":  # the child process of _run_in_child
+    try:
+        print(json.dumps(measure_step(**json.loads(sys.argv[1]))))
+    except Exception as e:  # reported as this setting's "error", never a crash of the whole bench
+        print(f"{type(e).__name__}: {short_reason(e)}", file=sys.stderr)
+        sys.exit(1)

@@ -325,7 +325,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Data and training-step speed on this machine -> a table on stdout and JSON in --out."""
 
-    from .bench import attention_only, bench_table, run_bench
+    from .bench import attention_only, run_bench
+    from .report import bench_table
     from .runs import atomic_write_bytes
 
     if args.curve:
@@ -352,7 +353,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_curve(args: argparse.Namespace) -> int:
     """Time-to-quality of finished runs: a figure, a markdown table and JSON next to --out."""
 
-    from .bench import time_to_quality, time_to_quality_table
+    from .bench import time_to_quality
+    from .report import time_to_quality_table
     from .runs import atomic_write_bytes
     from .viz import time_to_quality_figure
 

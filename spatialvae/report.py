@@ -1,4 +1,4 @@
-"""Markdown tables of results (evaluate, ablation, bench), all through one number formatter.
+"""Markdown tables of results (evaluate, ablation, bench, time to quality), through one number formatter.
 
 Pure formatting of the dicts the measuring modules return (and write as JSON): nothing here
 computes, so a table can be rebuilt from a saved metrics.json / ablation.json / bench.json.
@@ -115,3 +115,100 @@ def ablation_table(rows: list[dict], base: Optional[Config] = None) -> str:
                       "(lower is better; n/a without --features); FID n/a when the Inception weights are "
                       "unavailable; MS-SSIM = mean pairwise MS-SSIM of samples (lower = more diverse)."]
     return "\n".join(lines)
+
+
+def bench_table(res: dict) -> str:
+    lines = []
+    m = res["machine"]
+    lines.append(f"torch {m['torch']}, {m['cpus']} CPUs{', ' + m['cuda'] if m['cuda'] else ', no CUDA'}")
+    if "step" not in res:  # `bench --only attention`
+        return "\n".join(lines + ["", attention_table(res["attention"])])
+    if "data" in res:
+        d = res["data"]
+        k = d["kaggle_size_preprocess"]
+        lines += ["", "| data | figure |", "|---|---:|",
+                  f"| one-time preprocessing, Kaggle-size 1500x1200 JPEG, {k['processes']} processes | "
+                  f"{k['images_per_s']:.0f} img/s |",
+                  f"| the same, one process | {k['images_per_s_one_process']:.0f} img/s |",
+                  f"| the same, naive full-size decode, {k['processes']} processes | "
+                  f"{k['images_per_s_full_size_decode']:.0f} img/s |",
+                  f"| cache file load ({d['cache_images']} train images at {d['image_size']} px) | "
+                  f"{d['cache_load_seconds']:.2f} s |",
+                  f"| one epoch of batches from the cache, num_workers=0 | {d['cached_epoch']['seconds']:.3f} s |",
+                  f"| the same, num_workers=2 | {d['cached_epoch_2_workers']['seconds']:.3f} s |",
+                  f"| one epoch decoding Kaggle-size originals instead | {d['decode_every_epoch_seconds']:.1f} s "
+                  f"({d['decode_vs_cached']:.0f}x) |"]
+        if "data_share_of_epoch" in d:
+            lines.append(f"| cached data time / eager training epoch ({d['model_epoch_seconds']:.0f} s) | "
+                         f"{d['data_share_of_epoch'] * 100:.2f}% |")
+    st = res["step"]
+    lines += ["", "| model | image | parameters | latent | GFLOPs/image forward | fwd+bwd | fwd+bwd with VGG16 loss |",
+              "|---|---:|---:|---|---:|---:|---:|"]
+    for fl in res.get("models", [res["flops"]]):
+        lines.append(f"| {fl['preset']} | {fl['image_size']} | {fl['parameters']:,} | {tuple(fl['latent_shape'])} | "
+                     f"{fl['model_forward'] / 1e9:.2f} | {fl['model_forward_backward'] / 1e9:.2f} | "
+                     f"{fl['with_perceptual_forward_backward'] / 1e9:.2f} |")
+    lines += ["", f"| training step, batch {st['batch']} at {st['image_size']} px | perceptual | img/s | "
+                  "vs eager | step s | warm-up s | peak MB | safe |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in res["steps"]:
+        if "error" in r:
+            lines.append(f"| {r['setting']} | {'on' if r['perceptual'] else 'off'} | unavailable: {r['error']} "
+                         "| | | | | |")
+            continue
+        lines.append(f"| {r['setting']} | {'on' if r['perceptual'] else 'off'} | {r['images_per_s']:.1f} | "
+                     f"{fmt(r['speedup'], '{:.2f}x')} | {r['median_step_seconds']:.2f} | {r['warmup_seconds']:.1f} | "
+                     f"{r['peak_memory_mb']:.0f} | {'yes' if r['safe'] else 'no'} |")
+    rec = res["recommended"]
+    lines += [""] + [f"fastest safe setting, {k.replace('_', ' ')}: {v['setting']} ({fmt(v['speedup'], '{:.2f}x')}"
+                     f" eager) -> train {setting_flags(v['setting'])}" for k, v in rec.items()]
+    t4 = res["t4_projection"]
+    lines += [f"T4 projection of the {t4['epochs']}-epoch schedule ({t4['total_pflop']} PFLOP, FLOPs only): "
+              + ", ".join(f"{h} h at {k}" for k, h in t4["hours"].items())]
+    if "attention" in res:
+        lines += ["", attention_table(res["attention"])]
+    return "\n".join(lines)
+
+
+def time_to_quality_table(res: dict) -> str:
+    rows = res["table"]
+    keys = list(rows[0]["minutes_to_db"]) if rows else []
+    head = ("| run | epochs | minutes | test PSNR end of phase 1 | final PSNR | final SSIM | "
+            + " | ".join(f"min to {k} dB" for k in keys) + " |")
+    lines = [head, "|---" * (6 + len(keys)) + "|"]
+    for r in rows:
+        p1 = fmt(r["end_of_phase1_psnr"], "{:.2f}")
+        reach = " | ".join("never" if v is None else f"{v:.1f}" for v in r["minutes_to_db"].values())
+        lines.append(f"| {r['run']} | {r['epochs']} | {r['minutes']:.1f} | {p1} | {r['final_psnr']:.2f} | "
+                     f"{r['final_ssim']:.3f} | {reach} |")
+    return "\n".join(lines)
+
+
+def attention_table(att: dict) -> str:
+    lines = [f"| attention block, q/k/v layout ({att['device']}, {att['threads']} threads) | format | "
+             "SDPA old -> new | fwd+bwd s old | new | old/new | forward s old | new | old/new | max diff |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in att["rows"]:
+        lines.append(f"| {r['preset']}: {r['side']}x{r['side']}, {r['channels']} ch, {r['heads']} head(s), "
+                     f"batch {r['batch']} | {r['memory_format']} | {r['kernel_old']} -> {r['kernel_new']} | "
+                     f"{r['fwd_bwd_seconds_old']:.4f} | {r['fwd_bwd_seconds_new']:.4f} | {r['fwd_bwd_ratio']:.2f}x | "
+                     f"{r['forward_seconds_old']:.4f} | {r['forward_seconds_new']:.4f} | {r['forward_ratio']:.2f}x | "
+                     f"{r['max_abs_diff']:.1e} |")
+    s = att.get("model_step")
+    if s:
+        lines.append(f"whole {s['preset']} model, forward + loss + backward, batch {s['batch']} at "
+                     f"{s['image_size']} px, {s['memory_format']}: {s['seconds_old']:.3f} s old, "
+                     f"{s['seconds_new']:.3f} s new, {s['ratio']:.2f}x (losses differ by {s['loss_rel_diff']:.1e})")
+    rounds = f"{att['rounds']}" + (f" (whole model: {s['rounds']})" if s else "")
+    lines.append(f"medians of {rounds} interleaved rounds in one process (old/new above 1: the fix is faster); "
+                 "where old and new run the same kernel (NHWC), old/new is the noise floor")
+    return "\n".join(lines)
+
+
+def setting_flags(name: str) -> str:
+    """The `train --set` flags that select a measured setting (AMP is already on by default on CUDA)."""
+    flags = []
+    if "channels_last" in name:
+        flags.append("--set train.channels_last=true")
+    if "compile" in name:
+        flags.append("--set train.compile=true")
+    return " ".join(flags) or "(the defaults)"

@@ -99,7 +99,8 @@ def test_the_old_layout_takes_the_math_path():
 
 
 def test_bench_times_both_layouts_in_one_run():
-    from spatialvae.bench import attention_table, bench_attention
+    from spatialvae.bench import bench_attention
+    from spatialvae.report import attention_table
 
     res = bench_attention(batch=2, presets=("smoke",), step_preset="smoke", step_image_size=32, step_batch=2,
                           rounds=2, step_rounds=1)

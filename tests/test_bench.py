@@ -14,11 +14,11 @@ from spatialvae.bench import (
     _judge,
     measure_step,
     recommend,
-    setting_flags,
     t4_projection,
     time_to_quality,
 )
 from spatialvae.cli import main
+from spatialvae.report import setting_flags
 
 
 def row(setting, ips, loss=1.0, perceptual=False, finite=True, first=1.0):
@@ -106,6 +106,16 @@ def test_bench_command_writes_json_and_table(real_data_root, tmp_path, capsys):
     assert 0 < d["data_share_of_epoch"] < 1
     assert res["flops"]["with_perceptual_forward_backward"] > res["flops"]["model_forward_backward"] > 0
     assert "| eager | off |" in capsys.readouterr().out
+
+
+def test_bench_step_child_process_measures_without_data(tmp_path):
+    """Each setting runs `python -m spatialvae.bench` in a child: it must import and measure."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--skip-data", "--preset", "smoke", "--image-size", "32", "--batch", "2", "--repeats", "1",
+                 "--settings", "eager", "--perceptual", "off", "--out", str(out), "--quiet"]) == 0
+    (row,) = json.loads(out.read_text())["steps"]
+    assert "error" not in row, row.get("error")
+    assert row["setting"] == "eager" and row["finite"] and row["images_per_s"] > 0 and row["speedup"] == 1.0
 
 
 def test_bench_rejects_unknown_settings(capsys):
