@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config, ModelConfig
+from .engine import eval_mode
 from .errors import ConfigError
 
 # exp(20) still fits fp32 and exp(0.5 * 20) = 2.2e4 fits fp16 (max 6.5e4), so neither the
@@ -449,12 +450,8 @@ class _VAEBase(nn.Module):
         if device is None:
             device = generator.device if generator is not None else model_device
         z = torch.randn((n, *self.latent_shape), generator=generator, device=device)
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return self.decode(z.to(model_device))
-        finally:
-            self.train(was_training)
 
 
 class SpatialVAE(_VAEBase):
