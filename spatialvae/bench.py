@@ -214,7 +214,7 @@ def _run_in_child(args: dict, timeout: float) -> dict:
 def count_flops(preset: str = "seed", image_size: int = 128) -> dict:
     """FLOPs per image (convs, matmuls, attention; not norms/activations), batch of 2 divided by 2."""
 
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode  # only for this count; absent from older torch builds
 
 
     cfg = get_preset(preset).with_overrides({"data.image_size": image_size})

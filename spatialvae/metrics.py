@@ -246,7 +246,7 @@ def load_inception(spec: str = "auto") -> tuple[Optional[nn.Module], Optional[st
                                 f"{time.perf_counter() - t0:.2f} s ({short_reason(e)}); {fix}")
     try:
         torch.load(path, map_location="cpu", weights_only=True)
-        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torchmetrics.image.fid import NoTrainInceptionV3  # torchmetrics takes ~2 s to import: only when FID runs
 
         net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
                                  feature_extractor_weights_path=str(path))
@@ -291,7 +291,7 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, kid_subsets: 
     images, and subsets as large as the set would all be the same, giving a std of 0), drawn under
     a fixed seed, without touching the global RNG.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.fid import FrechetInceptionDistance  # ~2 s to import: only when FID runs
     from torchmetrics.image.kid import KernelInceptionDistance
 
     d = real.shape[1]

@@ -154,7 +154,7 @@ class GMMSampler:
         self.chols: Optional[torch.Tensor] = None  # (K, D, D)
 
     def fit(self, latents: torch.Tensor) -> "GMMSampler":
-        from sklearn.mixture import GaussianMixture
+        from sklearn.mixture import GaussianMixture  # scikit-learn takes ~1 s to import: only for a GMM
 
         x = _flatten_latents(latents)  # (N, D)
         self.latent_shape = tuple(latents.shape[1:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -57,9 +58,9 @@ def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
 # ---- matplotlib figures (notebook and reports) -------------------------------------------------
 
 def _plt():
-    import matplotlib
+    import matplotlib  # ~0.5 s to import: only when a figure is drawn
 
-    if not os.environ.get("MPLBACKEND") and "ipykernel" not in __import__("sys").modules:
+    if not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
         matplotlib.use("Agg")  # headless scripts and CI; notebooks keep their inline backend
     import matplotlib.pyplot as plt
 
