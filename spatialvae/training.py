@@ -30,9 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
-from tqdm.std import (
-    tqdm,  # the plain-text bar: also readable in a committed Kaggle run's log
-)
+from tqdm.std import tqdm  # the plain-text bar: readable in a committed Kaggle run's log
 
 from . import distributed
 from .config import Config, PhaseConfig, TrainConfig, perceptual_mode
