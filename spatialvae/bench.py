@@ -131,6 +131,10 @@ def _training_step(cfg: Config, s: StepSetting, dev: torch.device, batch: int, s
     x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
     x = x.contiguous(memory_format=memory_format)
     model = model.to(memory_format=memory_format)
+    if s.compile:  # compiled code draws the posterior noise with eager's generator, so losses compare
+        import torch._inductor.config as inductor_config  # loads the compiler: only for compile settings
+
+        inductor_config.fallback_random = True
     step_model = torch.compile(model) if s.compile else model
     t = cfg.train
     first = t.phase1 if t.phase1.epochs > 0 else t.phase2

@@ -27,8 +27,8 @@ LAYERS = (
 )
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 # Imported inside functions on purpose, each with a reason in the code: slow to import (sklearn ~1 s,
-# torchmetrics ~2 s, matplotlib), or only needed by one optional measurement.
-LAZY_OK = ("sklearn", "torchmetrics", "matplotlib", "torch.utils.flop_counter")
+# torchmetrics ~2 s, matplotlib, the compiler's config), or only needed by one optional measurement.
+LAZY_OK = ("sklearn", "torchmetrics", "matplotlib", "torch.utils.flop_counter", "torch._inductor")
 
 
 def _module_level_package_imports(path: Path) -> set[str]:
