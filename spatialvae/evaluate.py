@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -37,9 +38,9 @@ import torch
 from torch import nn
 
 from .config import perceptual_mode
-from .data import as_float_images, make_datasets, seeded_subset
+from .data import CLASSES, as_float_images, make_datasets, seeded_subset
 from .engine import default_device
-from .errors import SpatialVAEError
+from .errors import SpatialVAEError, short_reason
 from .features import domain_fd_kid, extract_features, feature_dim_ok, load_feature_net
 from .metrics import (
     duplicate_count,
@@ -58,7 +59,6 @@ from .metrics import (
 from .prior import load_prior, prior_path
 from .runs import atomic_torch_save, atomic_write_bytes, load_model
 from .sampling import (
-    CLASS_NAMES,
     PriorSampler,
     decode_latents,
     encode_originals,
@@ -111,7 +111,7 @@ def reconstruction_metrics(model: nn.Module, images: torch.Tensor, labels: torch
         return {"n": int(mask.sum()), **{k: (float(v[mask].mean()) if mask.any() else None) for k, v in per.items()}}
 
     out = {"overall": block(torch.ones(len(labels), dtype=torch.bool))}
-    for c, name in enumerate(CLASS_NAMES):
+    for c, name in enumerate(CLASSES):
         out[name] = block(labels == c)
     return out, torch.cat(recons)
 
@@ -139,7 +139,7 @@ def _seeded_class_indices(labels: torch.Tensor, cls: int, k: int, g: torch.Gener
 def _class_balanced_indices(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """Up to k indices, half from each class when possible (for the picture grids)."""
     g = torch.Generator().manual_seed(seed)
-    got = torch.cat([_seeded_class_indices(labels, c, k // 2, g) for c in range(len(CLASS_NAMES))])
+    got = torch.cat([_seeded_class_indices(labels, c, k // 2, g) for c in range(len(CLASSES))])
     if len(got) < k:  # a class is short: fill from the other images
         taken = set(got.tolist())
         rest = torch.tensor([i for i in range(len(labels)) if i not in taken], dtype=torch.long)
@@ -183,7 +183,7 @@ def sampler_labels(name: str, train_labels: torch.Tensor, n: int, seed: int) -> 
     """Labels a conditional row asks for: those of a seeded subset of the training split (its class
     mix); the label-free row asks for label 2 (no label); unconditional rows for none."""
     if name == "learned_label_free":
-        return torch.full((n,), len(CLASS_NAMES), dtype=torch.long)
+        return torch.full((n,), len(CLASSES), dtype=torch.long)
     if name in ("aggregate_posterior_per_class", "gmm_per_class", "learned"):
         if n <= len(train_labels):
             return train_labels[seeded_subset(len(train_labels), n, seed)].long()
@@ -206,7 +206,7 @@ def _fit_sampler(name: str, model: nn.Module, seed: int, prior, train_mu, train_
 def _class_grids(model: nn.Module, sampler, name: str, out_dir: Path, seed: int, batch_size: int) -> dict:
     """32 samples of each class from a class-conditional sampler -> samples/eval_NAME_CLASS.png."""
     out = {}
-    for k, cls in enumerate(CLASS_NAMES):
+    for k, cls in enumerate(CLASSES):
         labels = torch.full((32,), k, dtype=torch.long)
         images = generate(model, sampler, 32, torch.Generator().manual_seed(seed), batch_size, labels=labels)
         key = f"{name}_{cls.lower()}"
@@ -524,7 +524,8 @@ def load_eval_images(run_dir: str | os.PathLike) -> dict:
         return {}
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a damaged file only costs its pictures
+    except Exception as e:  # noqa: BLE001 - a damaged file only costs its pictures
+        warnings.warn(f"cannot read {path} ({short_reason(e)}); run `evaluate` again to redraw its pictures")
         return {}
     return {k: v.float() / 255 for k, v in saved.items() if isinstance(v, torch.Tensor)} if isinstance(saved, dict) else {}
 

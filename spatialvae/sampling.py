@@ -187,7 +187,6 @@ class GMMSampler:
                 "converged": bool(self.gmm.converged_), "n_iter": int(self.gmm.n_iter_)}
 
 
-CLASS_NAMES = CLASSES  # label 0 and 1, as the datasets number them
 
 
 class PerClass:
@@ -206,9 +205,9 @@ class PerClass:
         labels = torch.as_tensor(labels).long()
         if len(labels) != len(latents):
             raise SpatialVAEError(f"{len(labels)} labels for {len(latents)} latents")
-        counts = torch.bincount(labels, minlength=len(CLASS_NAMES)).double()
+        counts = torch.bincount(labels, minlength=len(CLASSES)).double()
         self.weights = counts / counts.sum()
-        self.samplers = {k: self.make().fit(latents[labels == k]) for k in range(len(CLASS_NAMES)) if counts[k] >= 2}
+        self.samplers = {k: self.make().fit(latents[labels == k]) for k in range(len(CLASSES)) if counts[k] >= 2}
         return self
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None,
@@ -218,7 +217,7 @@ class PerClass:
         labels = torch.as_tensor(labels).long().reshape(-1)
         missing = sorted(set(labels.tolist()) - set(self.samplers))
         if missing:
-            raise SpatialVAEError(f"no training latents of class {[CLASS_NAMES[k] for k in missing]} to sample from")
+            raise SpatialVAEError(f"no training latents of class {[CLASSES[k] for k in missing]} to sample from")
         out: Optional[torch.Tensor] = None
         for k, sampler in self.samplers.items():
             idx = (labels == k).nonzero().flatten()
@@ -229,7 +228,7 @@ class PerClass:
         return out
 
     def describe(self) -> dict:
-        return {"kind": "one sampler per class", "classes": {CLASS_NAMES[k]: s.describe() for k, s in self.samplers.items()}}
+        return {"kind": "one sampler per class", "classes": {CLASSES[k]: s.describe() for k, s in self.samplers.items()}}
 
 
 def fit_sampler(kind: str, latents: torch.Tensor, labels: Optional[torch.Tensor] = None, seed: int = 0):
@@ -254,7 +253,7 @@ def parse_label_mix(text: Optional[str], n: int) -> Optional[torch.Tensor]:
     for part in text.split(","):
         name, _, share = part.strip().partition(":")
         key = name.strip().upper()
-        if key not in CLASS_NAMES:
+        if key not in CLASSES:
             raise SpatialVAEError(f"unknown label {name.strip()!r}: use normal, pneumonia, or a mix such as "
                                   "normal:0.5,pneumonia:0.5")
         try:
@@ -264,7 +263,7 @@ def parse_label_mix(text: Optional[str], n: int) -> Optional[torch.Tensor]:
         if not (math.isfinite(value) and value >= 0):
             raise SpatialVAEError(f"label share {share!r} for {name.strip()} is not a number >= 0; write e.g. "
                                   "normal:0.25,pneumonia:0.75")
-        shares[CLASS_NAMES.index(key)] = shares.get(CLASS_NAMES.index(key), 0.0) + value
+        shares[CLASSES.index(key)] = shares.get(CLASSES.index(key), 0.0) + value
     total = sum(shares.values())
     if total <= 0:
         raise SpatialVAEError(f"the label shares in {text!r} add up to 0; give at least one class a share")
@@ -272,7 +271,7 @@ def parse_label_mix(text: Optional[str], n: int) -> Optional[torch.Tensor]:
     counts = {k: int(v) for k, v in exact.items()}
     for k in sorted(exact, key=lambda k: counts[k] - exact[k])[:n - sum(counts.values())]:
         counts[k] += 1
-    return torch.cat([torch.full((counts.get(k, 0),), k, dtype=torch.long) for k in range(len(CLASS_NAMES))])
+    return torch.cat([torch.full((counts.get(k, 0),), k, dtype=torch.long) for k in range(len(CLASSES))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,5 +377,5 @@ def epoch_sheet(model: nn.Module, val_data: Optional[Dataset], n: int, generator
 
 
 __all__ = ["PriorSampler", "GaussianSampler", "GMMSampler", "PerClass", "fit_sampler", "parse_label_mix",
-           "CLASS_NAMES", "encode_dataset", "encode_originals", "decode_latents", "generate", "interpolate",
+           "CLASSES", "encode_dataset", "encode_originals", "decode_latents", "generate", "interpolate",
            "save_grid", "epoch_sheet"]

@@ -251,3 +251,11 @@ def test_evaluate_run_on_real_data_smoke_run(real_data_root, tmp_path, offline):
     assert m["n_generated"] == m["data"]["n_test"] == sum(m["data"]["test_counts"].values())
     assert m["reconstruction"]["NORMAL"]["n"] > 0 and m["reconstruction"]["PNEUMONIA"]["n"] > 0
     assert (run / "metrics.json").is_file() and (run / "samples" / "eval_aggregate_posterior.png").is_file()
+
+
+def test_load_eval_images_missing_or_damaged_file(tmp_path):
+    assert ev.load_eval_images(tmp_path) == {}
+    ev.eval_images_path(tmp_path).parent.mkdir(parents=True)
+    ev.eval_images_path(tmp_path).write_bytes(b"not a tensor file")
+    with pytest.warns(UserWarning, match="run `evaluate` again"):
+        assert ev.load_eval_images(tmp_path) == {}
