@@ -598,6 +598,17 @@ def plan_for(d: DataConfig) -> SplitPlan:
     return plan_splits(d.root, d.val_split, d.val_fraction, d.min_kaggle_val, d.split_seed, d.max_per_class)
 
 
+def unused_train_files(d: DataConfig, plan: Optional[SplitPlan] = None) -> list[FileEntry]:
+    """Training-split files a run capped by ``max_per_class`` never saw: those `cap_per_class` left
+    out, less every patient with an image in the capped split. [] when nothing was capped."""
+    if d.max_per_class is None:
+        return []
+    used = (plan or plan_for(d)).files["train"]
+    full = plan_splits(d.root, d.val_split, d.val_fraction, d.min_kaggle_val, d.split_seed, None).files["train"]
+    seen = {e.patient for e in used}
+    return [e for e in full if e.patient not in seen]
+
+
 def make_dataloader(dataset: ChestXRayDataset, batch_size: int, train: bool, seed: int = 0,
                     num_workers: int = 0, device: str | torch.device = "cpu", sampler=None) -> DataLoader:
     """A DataLoader over cached tensors: pinned memory on CUDA, seeded shuffling, full batches in training.

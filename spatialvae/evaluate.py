@@ -12,6 +12,9 @@ writes ``run_dir/metrics.json`` plus sample grids under ``run_dir/samples/eval_*
   floor a perfect generator reaches; with an X-ray feature file also the domain FD, next to the
   decoder's floor (its reconstructions of training images: no latent sampler can beat it);
 * usefulness: train on synthetic, test on real (`spatialvae.tstr`) for the conditional samplers;
+* a classifier two-sample test (`spatialvae.c2st`): can a small CNN tell the learned prior's
+  samples, or the reconstructions, from real images the VAE never trained on (the training-split
+  files a capped run left out, else the validation split)? 0.5 = it cannot;
 * diversity: mean pairwise MS-SSIM among samples (lower = more diverse; the test split's value
   is the reference);
 * memorisation: each sample's pixel RMSE to its nearest training image (either orientation,
@@ -37,8 +40,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .config import perceptual_mode
-from .data import CLASSES, as_float_images, make_datasets, seeded_subset
+from .c2st import MIN_PER_SIDE, classifier_two_sample_test
+from .config import DataConfig, perceptual_mode
+from .data import CLASSES, as_float_images, load_split, make_datasets, seeded_subset, unused_train_files
 from .engine import default_device
 from .errors import SpatialVAEError, short_reason
 from .features import domain_fd_kid, extract_features, feature_dim_ok, load_feature_net
@@ -61,6 +65,7 @@ from .runs import atomic_torch_save, atomic_write_bytes, load_model
 from .sampling import (
     PriorSampler,
     decode_latents,
+    encode_dataset,
     encode_originals,
     eval_mode,
     fit_sampler,
@@ -457,7 +462,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
                  n_samples: Optional[int] = None, features_path: str | os.PathLike | None = None,
                  device: torch.device | str | None = None, batch_size: int = 64, progress: bool = True,
                  inception: str = "auto", samplers: Optional[Sequence[str]] = None, seed: int = 0,
-                 tstr_per_class: int = 300, tstr_repeats: int = 3) -> dict:
+                 tstr_per_class: int = 300, tstr_repeats: int = 3, c2st: bool = True) -> dict:
     """Evaluate a run folder; writes ``run_dir/metrics.json`` (atomically) and returns its dict.
 
     checkpoint: "best", "last" or a path to a .pt file. data_root: overrides the dataset folder
@@ -467,7 +472,9 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     `SAMPLERS` (default: all; the learned ones only when the run has ``checkpoints/prior.pt``).
     features_path: a file from `python -m spatialvae features`: adds the domain Fréchet distance and
     KID (per sampler, the real floors and the decoder's floor). tstr_per_class: images per class for
-    train-on-synthetic-test-on-real (0 skips it). seed: every random choice (samples, subsets, KID).
+    train-on-synthetic-test-on-real (0 skips it). c2st: the classifier two-sample test of the learned
+    prior's samples and of reconstructions, n_samples a side (see `c2st_block`; False skips it).
+    seed: every random choice (samples, subsets, KID).
     """
 
     t_start = time.perf_counter()
@@ -496,12 +503,13 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     if tstr_per_class > 0 and any(n in fitted for n in TSTR_SOURCES):
         tstr = tstr_block(model, fitted, splits, splits.test.images, tstr_per_class, seed, batch_size, progress,
                           tstr_repeats)
+    c2st_res = c2st_block(ctx, cfg.data, fitted.get("learned"), n_gen) if c2st else None
     metrics = {
         **_run_header(run_dir, ckpt_path, ckpt, cfg, model, device, splits, n_gen, n_samples),
         "reconstruction": {"split": "test", "decoded": "posterior mean", **recon},
         "floors": linear_floors(splits.train.images, splits.test.images, int(math.prod(model.latent_shape))),
         "inception": {"weights": inception_weights, **_INCEPTION_NOTES},
-        "reference": reference, "domain": domain, "samplers": results, "tstr": tstr,
+        "reference": reference, "domain": domain, "samplers": results, "tstr": tstr, "c2st": c2st_res,
         "images": ctx.pictures, "notes": _NOTES,
         **({"inception_unavailable": inception_reason} if inception_reason is not None else {}),
         **({"learned_prior_unavailable": prior_note} if prior_note is not None else {}),
@@ -563,3 +571,78 @@ def _sampler_rows(ctx: _Context, samplers: Sequence[str], prior, scorer: "_Sampl
     return results, fitted
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier two-sample test (spatialvae.c2st)
+# ---------------------------------------------------------------------------------------------
+
+def _pick_in_mix(labels: torch.Tensor, k: int, shares: torch.Tensor, seed: int) -> torch.Tensor:
+    """Up to k seeded indices (sorted), each class's ``shares`` of them where the classes have enough,
+    the rest from the other images."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    first = torch.cat([perm[labels[perm] == c][:round(k * float(share))] for c, share in enumerate(shares)])
+    rest = perm[~torch.isin(perm, first)][:k - len(first)]
+    return torch.cat([first, rest]).sort().values
+
+
+def _c2st_reference(ctx: _Context, d: DataConfig, k: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Up to k real images the VAE never trained on, in the training split's class mix where possible
+    -> (uint8 (N, S, S), labels (N,), source). ``train_unused``: training-split files a capped run left
+    out (none of their patients trained it), decoded like the run's own (and cached); else ``val``."""
+    labels = ctx.splits.train.labels.long()
+    shares = torch.bincount(labels, minlength=len(CLASSES)).float() / len(labels)
+    unused = unused_train_files(d, ctx.splits.train.plan)
+    if len(unused) >= 2 * MIN_PER_SIDE:
+        pick = _pick_in_mix(torch.tensor([e.label for e in unused]), k, shares, ctx.seed)
+        got = load_split([unused[i] for i in pick.tolist()], d.image_size, d.clahe_clip, d.clahe_tiles, d.cache_dir,
+                         True, d.preprocess_workers, ctx.progress, desc="train-unused")
+        return torch.from_numpy(got.images), torch.from_numpy(got.labels), "train_unused"
+    val = ctx.splits.val
+    pick = _pick_in_mix(val.labels.long(), k, shares, ctx.seed)
+    return val.images[pick], val.labels[pick], "val"
+
+
+def _halves_by_class(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint seeded halves with the same number of images of each class (an odd one out is dropped)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = [], []
+    for c in range(len(CLASSES)):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        a.append(idx[:len(idx) // 2])
+        b.append(idx[len(idx) // 2:2 * (len(idx) // 2)])
+    return torch.cat(a), torch.cat(b)
+
+
+def _c2st_row(ctx: _Context, fake: torch.Tensor, real: torch.Tensor, source: str, what: str) -> dict:
+    # At the run's own resolution: a 128 px run's missing fine texture is what the test should see.
+    res = classifier_two_sample_test(fake, real, seed=ctx.seed, image_size=None, device=ctx.device,
+                                     progress=ctx.progress)
+    return {**res, "reference": source, "fake": what}
+
+
+def c2st_block(ctx: _Context, d: DataConfig, prior, n_gen: int) -> dict:
+    """Classifier two-sample tests against real images the VAE never trained on (`_c2st_reference`):
+    2 * n_gen of them split into halves A and B with the same class counts; B is the real side of
+    both tests. ``reconstructions``: the decoded posterior means of A (other images than B, so the
+    classifier cannot match pairs); ``learned``: the learned prior's samples with B's labels."""
+    images, labels, source = _c2st_reference(ctx, d, 2 * n_gen)
+    a, b = _halves_by_class(labels.long(), ctx.seed)
+    if len(b) < MIN_PER_SIDE:
+        return {"skipped": f"{len(images)} real images the VAE never trained on ({source}) give {len(b)} a side; "
+                           f"the test needs {MIN_PER_SIDE} (raise n_samples or use more data)"}
+    real = as_float_images(images[b])
+    out = {"reference": {"source": source, "n": len(b),
+                         "class_counts": {c: int((labels[b] == i).sum()) for i, c in enumerate(CLASSES)}},
+           "note": "held-out accuracy of a small CNN telling fake from real: 0.5 = indistinguishable, 1 = always told "
+                   "apart; p_value is one-sided against 0.5"}
+    recons = decode_latents(ctx.model, encode_dataset(ctx.model, as_float_images(images[a]), ctx.batch_size))
+    out["reconstructions"] = _c2st_row(ctx, recons, real, source, "reconstructions (posterior mean) of the other half")
+    if prior is None:
+        out["learned"] = {"accuracy": None, "skipped": "the learned sampler was not evaluated (no finished checkpoints/prior.pt, or not among samplers)"}
+    else:
+        fake = generate(ctx.model, prior, len(b), torch.Generator().manual_seed(ctx.seed), ctx.batch_size,
+                        labels=labels[b].long())
+        out["learned"] = _c2st_row(ctx, fake, real, source, "learned prior samples with the real half's labels")
+    return out

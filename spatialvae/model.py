@@ -17,6 +17,7 @@ field to change, so a bad config fails before any data is loaded.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -281,6 +282,19 @@ def _validate_spatial(cfg: ModelConfig, image_size: int) -> Tuple[list, list]:
     return widths, sides
 
 
+def decoder_skip_side(cfg: ModelConfig, sides: Sequence[int]) -> Optional[int]:
+    """The feature side the decoder's bicubic output skip starts from (None: the last one).
+
+    ``model.decoder_skip=latent``: the side s with s * s = the latent's values, where the untrained
+    decoder holds the area-downsampled image itself (32 at 128 px: bicubic x4 instead of nearest x2
+    then bicubic x2). Without such a side (latent values not a square) it falls back to the last.
+    """
+    if cfg.decoder_skip != "latent":
+        return None
+    s = math.isqrt(cfg.latent_channels * cfg.latent_size ** 2)
+    return s if s * s == cfg.latent_channels * cfg.latent_size ** 2 and s in sides else None
+
+
 # ---- encoder / decoder ----------------------------------------------------------------------
 
 class Encoder(nn.Module):
@@ -350,24 +364,28 @@ class Decoder(nn.Module):
 
     shortcut="space": conv_in adds the latent tiled to its width, each upsampling block adds a
     channel_to_space skip, and the output adds (in logit space, before the Sigmoid) the channel
-    mean of the last features, upsampled bicubically. Untrained, it decodes an area-downsampled
-    image back to its bicubic upsample.
+    mean of the features at side ``skip_side``, upsampled bicubically. Untrained, it decodes an
+    area-downsampled image back to its bicubic upsample. ``skip_side`` None = the last feature map
+    (at 128 px that map is the 32x32 content repeated nearest-neighbour to 64x64).
     """
 
     def __init__(self, out_channels: int, widths: Sequence[int], latent_channels: int, image_size: int,
                  attention_resolutions: Sequence[int] = (16,), attention_heads: int = 1, norm_groups: int = 8,
-                 upsample: str = "bilinear", shortcut: str = "space"):
+                 upsample: str = "bilinear", shortcut: str = "space", skip_side: Optional[int] = None):
         super().__init__()
         attn = set(attention_resolutions)
         space = shortcut == "space"
         self.space, self.widths, self.out_channels = space, list(widths), out_channels
         side = image_size >> len(widths)
+        skip_side = skip_side or image_size // 2
+        self.skip_scale = image_size // skip_side  # bicubic factor of the output skip
         self.conv_in = nn.Conv2d(latent_channels, widths[-1], 3, padding=1)  # (B, 512, 4, 4)
         if space:
             zero_(self.conv_in)
         blocks: list = []
         if side in attn:
             blocks.append(AttentionBlock(widths[-1], attention_heads, norm_groups, zero_init=space))
+        self.skip_after = len(blocks)  # moved below to the block that reaches skip_side
         for i in range(len(widths) - 1, 0, -1):
             if space:
                 blocks.append(UpBlock(widths[i], widths[i - 1], norm_groups, upsample))
@@ -378,6 +396,8 @@ class Decoder(nn.Module):
             side *= 2  # (B, 256, 8, 8) -> (B, 128, 16, 16) -> (B, 64, 32, 32) -> (B, 32, 64, 64)
             if side in attn:
                 blocks.append(AttentionBlock(widths[i - 1], attention_heads, norm_groups, zero_init=space))
+            if side == skip_side:
+                self.skip_after = len(blocks)  # blocks[:skip_after] reach the skip's side
         self.blocks = nn.Sequential(*blocks)
         self.up_out = Upsample(widths[0], upsample)  # (B, 32, 128, 128)
         self.conv_out = nn.Sequential(
@@ -393,11 +413,12 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         if self.space:
             h = h + match_channels(z, self.widths[-1])  # (B, 512, 4, 4)
-        h = self.blocks(h)  # (B, 32, 64, 64)
+        h = self.blocks[:self.skip_after](h)  # (B, 64, 32, 32) with skip_side 32
+        skip = match_channels(h, self.out_channels) if self.space else None  # (B, 1, 32, 32)
+        h = self.blocks[self.skip_after:](h)  # (B, 32, 64, 64)
         logits = self.conv_out(self.up_out(h))  # (B, 1, 128, 128)
-        if self.space:
-            skip = F.interpolate(match_channels(h, self.out_channels), scale_factor=2.0, mode="bicubic",
-                                 align_corners=False)
+        if skip is not None:
+            skip = F.interpolate(skip, scale_factor=float(self.skip_scale), mode="bicubic", align_corners=False)
             logits = logits + torch.logit(skip.float().clamp(1e-3, 1 - 1e-3)).to(logits.dtype)
         # Sigmoid: pixels live in [0, 1], which L1, SSIM (data_range=1) and VGG all assume.
         return torch.sigmoid(logits)  # (B, 1, 128, 128)
@@ -470,7 +491,7 @@ class SpatialVAE(_VAEBase):
         self.encoder = Encoder(model_cfg.in_channels, shortcut=model_cfg.shortcut, logvar_init=model_cfg.logvar_init,
                                **common)
         self.decoder = Decoder(model_cfg.in_channels, upsample=model_cfg.upsample, shortcut=model_cfg.shortcut,
-                               **common)
+                               skip_side=decoder_skip_side(model_cfg, sides), **common)
 
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(x)  # (B, 64, 4, 4) each

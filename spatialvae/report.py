@@ -31,6 +31,22 @@ def _tstr_lines(tstr: Optional[dict]) -> list[str]:
     return lines
 
 
+def _c2st_lines(c2st: Optional[dict]) -> list[str]:
+    if not c2st:
+        return []
+    if "skipped" in c2st:
+        return ["", f"C2ST not computed: {c2st['skipped']}"]
+    ref = c2st["reference"]
+    lines = ["", f"| C2ST vs {ref['n']} real images never trained on ({ref['source']}): a small CNN tells them "
+                 "apart | held-out accuracy (0.5 = cannot) | std error | p vs 0.5 | n held out |",
+             "|---|---:|---:|---:|---:|"]
+    for name in ("learned", "reconstructions"):
+        r = c2st.get(name) or {}
+        lines.append(f"| {name} | {fmt(r.get('accuracy'), '{:.3f}')} | {fmt(r.get('std_error'), '{:.3f}')} | "
+                     f"{fmt(r.get('p_value'), '{:.2g}')} | {fmt(r.get('n_heldout'), '{}')} |")
+    return lines
+
+
 def metrics_table(metrics: dict) -> str:
     """The headline numbers of a metrics.json as two markdown tables (reconstruction, samples)."""
     rec = metrics["reconstruction"]
@@ -86,6 +102,7 @@ def metrics_table(metrics: dict) -> str:
             lines.append(f"| reconstructed test images (carry the test shift) | | | "
                          f"{fmt(d['test_reconstructions_fd_vs_train'], '{:.3f}')} | |")
     lines += _tstr_lines(metrics.get("tstr"))
+    lines += _c2st_lines(metrics.get("c2st"))
     if metrics.get("learned_prior_unavailable"):
         lines += ["", f"learned prior not evaluated: {metrics['learned_prior_unavailable']}"]
     if metrics.get("inception_unavailable"):

@@ -26,9 +26,11 @@ from .config import Config
 from .errors import CheckpointError, short_reason
 from .model import build_model
 
-CHECKPOINT_VERSION = 2  # 2: model.shortcut, model.logvar_init and kl_reduction=mean became the defaults
-# Keys a version-1 checkpoint's config lacks, with the values it was trained with.
-_V1_DEFAULTS = {"model": {"shortcut": "conv", "logvar_init": None}, "loss": {"kl_reduction": "sum"}}
+# 2: model.shortcut, model.logvar_init and kl_reduction=mean became the defaults; 3: model.decoder_skip
+CHECKPOINT_VERSION = 3
+# Keys an older checkpoint's config lacks, with the values it was trained with, by the version that added them.
+_OLD_DEFAULTS = {2: {"model": {"shortcut": "conv", "logvar_init": None}, "loss": {"kl_reduction": "sum"}},
+                 3: {"model": {"decoder_skip": "last"}}}
 
 
 # ---- atomic files ------------------------------------------------------------------------------
@@ -142,8 +144,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 def config_from_checkpoint(ckpt: dict) -> Config:
     d = ckpt["config"]
-    if int(ckpt.get("version", 1)) < 2 and isinstance(d, dict):  # written before the defaults changed
-        d = {**d, **{sec: {**_V1_DEFAULTS[sec], **d.get(sec, {})} for sec in _V1_DEFAULTS}}
+    version = int(ckpt.get("version", 1))
+    for added, defaults in _OLD_DEFAULTS.items():
+        if version < added and isinstance(d, dict):  # written before these keys or defaults existed
+            d = {**d, **{sec: {**defaults[sec], **d.get(sec, {})} for sec in defaults}}
     try:
         return Config.from_dict(d)
     except ValueError as e:

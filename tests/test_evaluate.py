@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_kaggle_tree
+from conftest import make_kaggle_tree, save_jpeg
 
 from spatialvae import evaluate as ev
 from spatialvae import metrics as M
 from spatialvae.config import get_preset
-from spatialvae.data import make_datasets
+from spatialvae.data import make_datasets, plan_for, unused_train_files
 from spatialvae.engine import seed_everything
 from spatialvae.errors import SpatialVAEError, WeightsError
 from spatialvae.losses import build_loss
@@ -165,6 +165,8 @@ def test_evaluate_run_offline_writes_metrics_with_null_fid(smoke_run, offline):
     # No checkpoints/prior.pt in this run: every sampler but the learned ones.
     assert list(m["samplers"]) == [n for n in ev.SAMPLERS if n not in ev.LEARNED]
     assert m["tstr"]["real"]["n"] == 6 and "learned" not in m["tstr"]
+    # The cap (16 a class) leaves no training file out of this tree: the C2ST falls back to val, too small here.
+    assert "real images the VAE never trained on (val)" in m["c2st"]["skipped"]
     for name, s in m["samplers"].items():
         assert s["fid"] is None and s["kid_mean"] is None and s["kid_std"] is None
         assert 0 < s["ms_ssim_diversity"]["mean"] <= 1
@@ -226,8 +228,8 @@ def test_evaluate_run_options(smoke_run, offline, monkeypatch):
     run, tree = smoke_run
     with monkeypatch.context() as mp:  # N(0, I) alone needs no training latents: none are encoded
         mp.setattr(ev, "encode_originals", lambda *a, **k: pytest.fail("encoded the training split for nothing"))
-        m = _evaluate(run, tree, inception="off", checkpoint="last", n_samples=4, samplers=("prior",))
-    assert offline == []  # "off" never tries to download
+        m = _evaluate(run, tree, inception="off", checkpoint="last", n_samples=4, samplers=("prior",), c2st=False)
+    assert offline == [] and m["c2st"] is None  # "off" never tries to download
     assert m["inception_unavailable"] == "skipped (inception='off')"
     assert m["n_generated"] == 4 and "n_samples" in m["n_generated_note"]
     assert list(m["samplers"]) == ["prior"] and m["checkpoint"]["path"].endswith("last.pt")
@@ -259,3 +261,62 @@ def test_load_eval_images_missing_or_damaged_file(tmp_path):
     ev.eval_images_path(tmp_path).write_bytes(b"not a tensor file")
     with pytest.warns(UserWarning, match="run `evaluate` again"):
         assert ev.load_eval_images(tmp_path) == {}
+
+
+# ---- the classifier two-sample test (spatialvae.c2st) -----------------------------------------------
+
+def _tree_with_more_training_images(tmp_path, per_class=24):
+    """The fake tree plus ``per_class`` more training images a class, so the smoke cap (16 a class)
+    leaves training files out."""
+    tree = make_kaggle_tree(tmp_path)
+    for i in range(per_class):
+        save_jpeg(tree["root"] / "train" / "NORMAL" / f"IM-{2000 + i}-0001.jpeg", seed=500 + i)
+        save_jpeg(tree["root"] / "train" / "PNEUMONIA" / f"person{3000 + i}_bacteria_{9000 + i}.jpeg", seed=600 + i)
+    return tree
+
+
+def test_unused_training_files_share_no_patient_with_the_capped_split(tmp_path):
+    tree = _tree_with_more_training_images(tmp_path)
+    cfg = get_preset("smoke").data
+    cfg.root = str(tree["root"])
+    used = plan_for(cfg).files["train"]
+    unused = unused_train_files(cfg)
+    assert len(unused) >= 24 and not {e.patient for e in used} & {e.patient for e in unused}
+    cfg.max_per_class = None
+    assert unused_train_files(cfg) == []
+
+
+def test_c2st_reference_picks_the_class_mix_and_halves_share_no_image():
+    labels = torch.tensor([0] * 3 + [1] * 20)
+    pick = ev._pick_in_mix(labels, 10, torch.tensor([0.5, 0.5]), seed=0)  # 5 NORMAL asked, 3 exist: 7 PNEUMONIA
+    assert len(pick.unique()) == 10 and torch.bincount(labels[pick]).tolist() == [3, 7]
+    assert torch.equal(pick, ev._pick_in_mix(labels, 10, torch.tensor([0.5, 0.5]), seed=0))
+    a, b = ev._halves_by_class(torch.tensor([0] * 5 + [1] * 8), seed=0)
+    assert not set(a.tolist()) & set(b.tolist())
+    assert torch.bincount(torch.tensor([0] * 5 + [1] * 8)[a]).tolist() == [2, 4]
+    assert torch.bincount(torch.tensor([0] * 5 + [1] * 8)[b]).tolist() == [2, 4]
+
+
+def test_evaluate_run_c2st_of_learned_samples_and_reconstructions(smoke_run, tmp_path, offline):
+    """metrics.json's c2st section, against training files the run left out (a tiny stand-in prior)."""
+    import shutil
+
+    from spatialvae.config import PriorConfig
+    from spatialvae.prior import LearnedPrior, prior_path
+    from spatialvae.report import metrics_table
+    from spatialvae.runs import atomic_torch_save
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run)
+    tiny = PriorConfig(width=32, depth=1, heads=2, steps=5, batch_size=16, warmup_steps=1, sample_steps=2, log_every=5)
+    latents, labels = torch.randn(40, 8, 4, 4), torch.arange(2).repeat_interleave(20)
+    atomic_torch_save({**LearnedPrior(tiny).fit(latents, labels).state_dict(), "done": True}, prior_path(run))
+    tree = _tree_with_more_training_images(tmp_path / "data")
+    m = _evaluate(run, tree, inception="off", samplers=("prior", "learned"), n_samples=16, tstr_per_class=0)
+    c = m["c2st"]
+    assert c["reference"]["source"] == "train_unused" and c["reference"]["n"] >= 8
+    for name in ("learned", "reconstructions"):
+        r = c[name]
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["p_value"] <= 1 and r["reference"] == "train_unused"
+        assert r["n_fake"] == r["n_real"] == c["reference"]["n"] and r["n_heldout"] >= 8 and r["seconds"] >= 0
+    assert "| C2ST vs" in metrics_table(m) and "| reconstructions |" in metrics_table(m)

@@ -18,7 +18,7 @@ LAYERS = (
     ("model", "variants"),
     ("losses", "runs"),
     ("data", "viz"),
-    ("metrics", "sampling", "report"),
+    ("metrics", "sampling", "report", "c2st"),
     ("features", "prior", "training"),
     ("bench", "tstr"),
     ("evaluate",),

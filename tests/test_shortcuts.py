@@ -61,6 +61,30 @@ def test_untrained_quick_model_decodes_to_the_bicubic_upsample():
     torch.testing.assert_close(recon, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("decoder_skip", ["latent", "last"])
+def test_untrained_seed_model_decodes_to_its_closed_form_upsample(decoder_skip):
+    # 128 px: the latent is the 4x4 area downsample (a 32x32 image). decoder_skip=latent upsamples it
+    # bicubically x4; last (the older form) repeats it nearest x2 to 64x64, then bicubic x2.
+    cfg = dataclasses.replace(ModelConfig(), decoder_skip=decoder_skip)
+    torch.manual_seed(0)
+    model = SpatialVAE(cfg, 128).eval()
+    x = torch.rand(2, 1, 128, 128)
+    with torch.no_grad():
+        recon = model.decode(model.encode(x)[0])
+    pooled = F.avg_pool2d(x, 4)
+    if decoder_skip == "last":
+        pooled = F.interpolate(pooled, scale_factor=2, mode="nearest")
+    ref = F.interpolate(pooled, size=128, mode="bicubic", align_corners=False).clamp(1e-3, 1 - 1e-3)
+    torch.testing.assert_close(recon, ref, atol=1e-5, rtol=0)
+
+
+def test_decoder_skip_falls_back_to_the_last_map_when_the_latent_is_not_a_square_image():
+    # smoke: 8 x 4 x 4 = 128 latent values, no side s with s * s = 128: the last map, as before
+    model = SpatialVAE(get_preset("smoke").model, 32)
+    assert (model.decoder.skip_scale, model.decoder.skip_after) == (2, len(model.decoder.blocks))
+    assert SpatialVAE(ModelConfig(), 128).decoder.skip_scale == 4
+
+
 def test_every_parameter_learns_after_one_step():
     # Zero-initialised branch ends give their inner layers no gradient at step 0; one update wakes them.
     torch.manual_seed(0)

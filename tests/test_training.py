@@ -343,3 +343,16 @@ def test_a_version_1_checkpoint_loads_as_the_literal_model_it_was(tmp_path):
     assert (got.model.shortcut, got.model.logvar_init, got.loss.kl_reduction) == ("conv", None, "sum")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_a_version_2_checkpoint_keeps_the_decoder_skip_it_was_trained_with(tmp_path):
+    from spatialvae.runs import load_model
+
+    cfg = smoke_cfg()
+    d = cfg.to_dict()
+    del d["model"]["decoder_skip"]  # what version 2 wrote: its decoder started the skip at the last map
+    atomic_torch_save({"version": 2, "model": build_model(cfg).state_dict(), "config": d}, tmp_path / "v2.pt")
+    assert load_model(tmp_path / "v2.pt")[1].model.decoder_skip == "last"
+    d["model"]["decoder_skip"] = "latent"
+    atomic_torch_save({"version": 3, "model": build_model(cfg).state_dict(), "config": d}, tmp_path / "v3.pt")
+    assert load_model(tmp_path / "v3.pt")[1].model.decoder_skip == "latent"
