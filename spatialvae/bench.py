@@ -424,13 +424,21 @@ def recommend(rows: list[dict]) -> dict:
 
 # ---- time to quality -----------------------------------------------------------------------------
 
-def time_to_quality(run_dirs: list, thresholds: tuple = (20.0, 24.0, 27.1, 28.7)) -> dict:
+def time_to_quality(run_dirs: list, thresholds: Optional[tuple] = None) -> dict:
     """Curves and "minutes to reach X dB" from runs trained with ``train --monitor-test``.
+
+    ``thresholds`` default: 20 and 24 dB, then the PCA floor and PCA + 1 / + 2 dB of the first run
+    with a metrics.json (so the bars follow the resolution: PCA-1024 is 28.9 dB at 64 px, 26.2 at
+    128 px); without one, 27.1 and 28.7 dB (the 64 px bicubic map and PCA).
 
     The clock is the sum of each epoch's ``seconds`` (training + validation, not the monitor
     itself), so it is what the same run costs without watching. Only runs made on the same
     machine, one at a time, compare."""
 
+    floors = _floors(run_dirs)
+    if thresholds is None:
+        pca = next((f["psnr_db"] for k, f in floors.items() if k.startswith("PCA")), None)
+        thresholds = (20.0, 24.0) + ((27.1, 28.7) if pca is None else tuple(round(pca + d, 2) for d in (0, 1, 2)))
     curves, table = {}, []
     for run in map(Path, run_dirs):
         path = run / "history.csv"
@@ -454,7 +462,7 @@ def time_to_quality(run_dirs: list, thresholds: tuple = (20.0, 24.0, 27.1, 28.7)
         table.append({"run": run.name, "epochs": len(rows), "minutes": round(minutes[-1], 2),
                       "final_psnr": psnr[-1], "best_psnr": max(psnr), "final_ssim": ssim[-1],
                       "end_of_phase1_psnr": p1, "minutes_to_db": reach})
-    return {"curves": curves, "table": table, "floors": _floors(run_dirs)}
+    return {"curves": curves, "table": table, "floors": floors}
 
 
 def _floors(run_dirs: list) -> dict:

@@ -279,15 +279,19 @@ class _DomainRefs:
     ref_a: torch.Tensor  # indices of the training half used as the reference
     ref_b: torch.Tensor  # the other half (the real and the decoder's floors)
     ref_a_feats: torch.Tensor  # (len(ref_a), D)
+    n_val: int  # images of the validation row: it and every sampler are compared at this n
 
 
 def _domain_references(domain_net, domain_info: dict, features_path, train_u8: torch.Tensor, test_u8: torch.Tensor,
-                       train_subset: torch.Tensor, n_gen: int, seed: int, device) -> tuple[_DomainRefs, dict]:
+                       val_u8: torch.Tensor, train_subset: torch.Tensor, n_gen: int, seed: int,
+                       device) -> tuple[_DomainRefs, dict]:
     """Features of the real references and the `domain` block of metrics.json (the real floors).
 
     The extractor is a classifier, so its features (and the FD) react strongly to the class mix.
     Two references: train vs test (what a perfect copy of the training distribution scores against
-    the test split), and two disjoint halves of train (the floor for FD against train itself)."""
+    the test split), two disjoint halves of train (the floor for FD against train itself), and the
+    validation split (real held-out patients of the training distribution: the bar a sampler should
+    meet, compared at the same number of images, since FD grows as n shrinks)."""
 
     size = domain_info["config"].image_size
     dom_test = extract_features(domain_net, test_u8, size, device=device)
@@ -297,17 +301,20 @@ def _domain_references(domain_net, domain_info: dict, features_path, train_u8: t
     ref_a, ref_b = perm[:min(half, n_gen)], perm[half:half + min(half, n_gen)]
     dom_ref_a = extract_features(domain_net, train_u8[ref_a], size, device=device)
     dom_ref_b = extract_features(domain_net, train_u8[ref_b], size, device=device)
+    n_val = min(len(val_u8), len(ref_a), n_gen)
+    dom_val = extract_features(domain_net, val_u8[:n_val], size, device=device)
     domain = {"features": str(features_path), "feature_dim": domain_net.num_features,
               "extractor_image_size": size, "extractor_test_accuracy": domain_info["test"]["accuracy"],
               "n_test": len(test_u8), "n_generated": n_gen, "n_train_reference": len(ref_a),
               "floor_train_vs_test": {"n_train": len(train_subset), **domain_fd_kid(dom_test, dom_train, seed)},
               "floor_train_vs_train": {"n": len(ref_a), **domain_fd_kid(dom_ref_a, dom_ref_b, seed)},
+              "val_vs_train": {"n": n_val, **domain_fd_kid(dom_ref_a[:n_val], dom_val, seed)},
               "note_class_mix": "the extractor is a NORMAL/PNEUMONIA classifier: FD against test also measures "
                                 "the class mix (test is 62.5% PNEUMONIA); domain_fd_vs_train compares with "
                                 "the distribution the VAE was trained on"}
     if (note := feature_dim_ok(min(len(test_u8), n_gen), domain_net.num_features)):
         domain["note"] = note
-    return _DomainRefs(domain_net, size, dom_test, ref_a, ref_b, dom_ref_a), domain
+    return _DomainRefs(domain_net, size, dom_test, ref_a, ref_b, dom_ref_a, n_val), domain
 
 
 @dataclass
@@ -334,8 +341,10 @@ class _SampleScorer:
             fake = extract_features(d.net, images, d.size, device=self.device)
             dom = domain_fd_kid(d.test_feats, fake, self.seed)
             dom_tr = domain_fd_kid(d.ref_a_feats, fake[:len(d.ref_a)], self.seed)
+            at_val_n = domain_fd_kid(d.ref_a_feats[:d.n_val], fake[:d.n_val], self.seed)["fd"] if d.n_val else None
             res.update({"domain_fd": dom["fd"], "domain_kid_mean": dom["kid_mean"], "domain_kid_std": dom["kid_std"],
-                        "domain_fd_vs_train": dom_tr["fd"], "domain_kid_vs_train": dom_tr["kid_mean"]})
+                        "domain_fd_vs_train": dom_tr["fd"], "domain_kid_vs_train": dom_tr["kid_mean"],
+                        "domain_fd_vs_train_at_val_n": at_val_n})
         return {**res, **_sample_metrics(images, self.train_u8, self.seed)}
 
 
@@ -496,7 +505,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     refs, domain = None, None
     if domain_net is not None:
         refs, domain = _domain_references(domain_net, domain_info, features_path, splits.train.images,
-                                          splits.test.images, train_subset, n_gen, seed, device)
+                                          splits.test.images, splits.val.images, train_subset, n_gen, seed, device)
     scorer = _SampleScorer(splits.train.images, seed, batch_size, device, progress, net, feats_test, refs)
     results, fitted = _sampler_rows(ctx, samplers, prior, scorer, n_gen, domain, recons)
     tstr = None

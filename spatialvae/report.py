@@ -86,21 +86,26 @@ def metrics_table(metrics: dict) -> str:
                      f"{fmt(ref['val_nn_train_rmse']['min'])} |")
     dom = metrics.get("domain")
     if dom:
+        vv = dom.get("val_vs_train") or {}
+        n_val = vv.get("n")
         lines += ["", f"| domain features ({dom['feature_dim']}-d, extractor test accuracy "
                       f"{dom['extractor_test_accuracy']:.3f}) | FD vs test | KID vs test | FD vs train | "
-                      "KID vs train |", "|---|---:|---:|---:|---:|"]
+                      f"KID vs train | FD vs train, n = {fmt(n_val, '{}')} |", "|---|---:|---:|---:|---:|---:|"]
         for name, s in metrics["samplers"].items():
             lines.append(f"| {name} | {fmt(s['domain_fd'], '{:.3f}')} | {fmt(s['domain_kid_mean'])} | "
-                         f"{fmt(s['domain_fd_vs_train'], '{:.3f}')} | {fmt(s['domain_kid_vs_train'])} |")
+                         f"{fmt(s['domain_fd_vs_train'], '{:.3f}')} | {fmt(s['domain_kid_vs_train'])} | "
+                         f"{fmt(s.get('domain_fd_vs_train_at_val_n'), '{:.3f}')} |")
         fl, ft = dom["floor_train_vs_test"], dom["floor_train_vs_train"]
         lines.append(f"| real train images (floor) | {fmt(fl['fd'], '{:.3f}')} | {fmt(fl['kid_mean'])} | "
-                     f"{fmt(ft['fd'], '{:.3f}')} | {fmt(ft['kid_mean'])} |")
+                     f"{fmt(ft['fd'], '{:.3f}')} | {fmt(ft['kid_mean'])} | |")
+        if vv:
+            lines.append(f"| real validation images (held-out patients: the bar) | | | | | {fmt(vv['fd'], '{:.3f}')} |")
         if dom.get("decoder_floor"):
             d = dom["decoder_floor"]
             lines.append(f"| decoder floor: reconstructed train images | | | {fmt(d['fd_vs_train'], '{:.3f}')} | "
-                         f"{fmt(d['kid_vs_train'])} |")
+                         f"{fmt(d['kid_vs_train'])} | |")
             lines.append(f"| reconstructed test images (carry the test shift) | | | "
-                         f"{fmt(d['test_reconstructions_fd_vs_train'], '{:.3f}')} | |")
+                         f"{fmt(d['test_reconstructions_fd_vs_train'], '{:.3f}')} | | |")
     lines += _tstr_lines(metrics.get("tstr"))
     lines += _c2st_lines(metrics.get("c2st"))
     if metrics.get("learned_prior_unavailable"):

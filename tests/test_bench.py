@@ -169,6 +169,18 @@ def test_time_to_quality_counts_training_minutes_only(tmp_path, capsys):
     assert (tmp_path / "ttq.png").stat().st_size > 0 and (tmp_path / "ttq.md").is_file()
 
 
+def test_time_to_quality_bars_follow_the_runs_pca_floor(tmp_path):
+    import json
+
+    a = _history(tmp_path / "000-a", [25.0, 26.5, 27.3, 28.4])
+    assert list(time_to_quality([a])["table"][0]["minutes_to_db"]) == ["20", "24", "27.1", "28.7"]  # no floors yet
+    floors = {"pca": {"components": 1024, "psnr_db": 26.18, "ssim": 0.78}, "mean_image": {"psnr_db": 15.2, "ssim": 0.3}}
+    (a / "metrics.json").write_text(json.dumps({"floors": floors}))
+    res = time_to_quality([a])
+    assert res["table"][0]["minutes_to_db"] == {"20": 0.5, "24": 0.5, "26.18": 1.0, "27.18": 1.5, "28.18": None}
+    assert res["floors"]["PCA, 1024 components"]["psnr_db"] == 26.18
+
+
 def test_time_to_quality_refuses_runs_without_a_test_curve(tmp_path, capsys):
     run = _history(tmp_path / "000-x", [18.0], monitor=False)
     assert main(["bench", "--curve", str(run)]) == 2

@@ -44,6 +44,15 @@ def test_quick_and_smoke_are_smaller():
     assert s.data.image_size < q.data.image_size and s.data.max_per_class < q.data.max_per_class
 
 
+def test_quick128_is_the_seed_model_at_the_quick_budget():
+    q128, q, seed = get_preset("quick128"), get_preset("quick"), get_preset("seed")
+    assert q128.data.image_size == 128 and q128.model == seed.model  # the recipe's model, widths and skips
+    assert (q128.data.max_per_class, q128.data.batch_size) == (q.data.max_per_class, q.data.batch_size)
+    p1, p2 = q128.train.phase1, q128.train.phase2
+    assert p1.cosine_t0 == p1.epochs and p2.beta_anneal_epochs < p2.epochs  # one cosine cycle; last epoch at 1e-3
+    assert p2.beta_end == seed.train.phase2.beta_end and q128.prior.enabled
+
+
 def test_partial_json_keeps_defaults():
     cfg = Config.from_json('{"data": {"image_size": 64}, "train": {"phase2": {"epochs": 3}}}')
     assert cfg.data.image_size == 64 and cfg.train.phase2.epochs == 3 and cfg.train.phase2.lr == 5e-5

@@ -115,9 +115,13 @@ def test_features_cli_and_evaluate_with_features(tiny_features, real_data_root, 
     assert dom["feature_dim"] == 16 and dom["n_test"] == m["n_generated"] == 32
     assert dom["floor_train_vs_test"]["fd"] >= 0
     assert dom["floor_train_vs_train"]["n"] == dom["n_train_reference"] == 16  # two disjoint halves of 32
+    # the validation row and every sampler's FD vs train at the validation row's n (FD grows as n shrinks)
+    assert 1 <= dom["val_vs_train"]["n"] <= dom["n_train_reference"] and dom["val_vs_train"]["fd"] >= 0
+    assert "real validation images (held-out patients: the bar)" in r.stdout
     for name in ("prior", "aggregate_posterior", "learned", "gmm_per_class"):
         s = m["samplers"][name]
         assert s["domain_fd"] >= 0 and s["domain_kid_std"] > 0 and s["domain_fd_vs_train"] >= 0
+        assert s["domain_fd_vs_train_at_val_n"] >= 0
     floor = dom["decoder_floor"]  # the smoke run trains its learned prior; evaluate prints the decoder's floor
     assert floor["n"] == 16 and floor["fd_vs_train"] >= 0 and floor["test_reconstructions_fd_vs_train"] >= 0
     assert "decoder floor" in r.stdout and "TSTR" in r.stdout and m["tstr"]["real"]["n"] == 32
