@@ -413,9 +413,13 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         if self.space:
             h = h + match_channels(z, self.widths[-1])  # (B, 512, 4, 4)
-        h = self.blocks[:self.skip_after](h)  # (B, 64, 32, 32) with skip_side 32
-        skip = match_channels(h, self.out_channels) if self.space else None  # (B, 1, 32, 32)
-        h = self.blocks[self.skip_after:](h)  # (B, 32, 64, 64)
+        skip = None
+        for i, block in enumerate(self.blocks):  # (B, 512, 4, 4) -> (B, 32, 64, 64)
+            if i == self.skip_after and self.space:
+                skip = match_channels(h, self.out_channels)  # (B, 1, 32, 32) with skip_side 32
+            h = block(h)
+        if skip is None and self.space:  # skip_side is the last side
+            skip = match_channels(h, self.out_channels)
         logits = self.conv_out(self.up_out(h))  # (B, 1, 128, 128)
         if skip is not None:
             skip = F.interpolate(skip, scale_factor=float(self.skip_scale), mode="bicubic", align_corners=False)

@@ -172,7 +172,7 @@ def test_time_to_quality_counts_training_minutes_only(tmp_path, capsys):
 def test_time_to_quality_bars_follow_the_runs_pca_floor(tmp_path):
     import json
 
-    a = _history(tmp_path / "000-a", [25.0, 26.5, 27.3, 28.4])
+    a = _history(tmp_path / "000-a", [25.0, 26.5, 27.3, 28.0])
     assert list(time_to_quality([a])["table"][0]["minutes_to_db"]) == ["20", "24", "27.1", "28.7"]  # no floors yet
     floors = {"pca": {"components": 1024, "psnr_db": 26.18, "ssim": 0.78}, "mean_image": {"psnr_db": 15.2, "ssim": 0.3}}
     (a / "metrics.json").write_text(json.dumps({"floors": floors}))

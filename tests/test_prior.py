@@ -62,8 +62,14 @@ def test_learned_prior_without_labels_follows_the_training_mix_and_is_seeded(fit
 
 def test_learned_prior_round_trips_through_its_state_dict(fitted):
     again = LearnedPrior.from_state_dict(fitted.state_dict(), SHAPE)
+    for (name, p), (_, q) in zip(fitted.net.state_dict().items(), again.net.state_dict().items()):
+        assert torch.equal(p, q), name  # the weights round-trip bit for bit
+    assert torch.equal(fitted.mean, again.mean) and torch.equal(fitted.std, again.std)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    assert torch.equal(fitted.sample(8, g1, labels=torch.ones(8)), again.sample(8, g2, labels=torch.ones(8)))
+    # The same noise through the same weights: equal up to float kernels, whose vectorised reductions
+    # can differ with the tensors' memory alignment (2e-7 seen on torch 2.14.1 CPU).
+    torch.testing.assert_close(fitted.sample(8, g1, labels=torch.ones(8)), again.sample(8, g2, labels=torch.ones(8)),
+                               rtol=0, atol=1e-5)
     with pytest.raises(CheckpointError, match=r"trained for latents of shape \(4, 2, 2\).*\(64, 4, 4\)"):
         LearnedPrior.from_state_dict(fitted.state_dict(), (64, 4, 4))
     with pytest.raises(CheckpointError, match="not a spatialvae latent prior"):
