@@ -626,6 +626,9 @@ def _halves_by_class(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, tor
 
 def _c2st_row(ctx: _Context, fake: torch.Tensor, real: torch.Tensor, source: str, what: str) -> dict:
     # At the run's own resolution: a 128 px run's missing fine texture is what the test should see.
+    # Both sides 8-bit, as the real images are (and as a saved PNG would be): continuous decoder
+    # output against multiples of 1/255 would be a tell that says nothing about the images.
+    fake, real = (x.float().mul(255).round().div(255) for x in (fake, real))
     res = classifier_two_sample_test(fake, real, seed=ctx.seed, image_size=None, device=ctx.device,
                                      progress=ctx.progress)
     return {**res, "reference": source, "fake": what}
