@@ -311,8 +311,8 @@ def _quick() -> Config:
 
 
 def _quick128() -> Config:
-    # The recipe's own resolution on a CPU budget (the README's main job, VAE + learned prior in ~20
-    # minutes on 2 cores): the quick preset's subset, batch and learning rates at 128 px, the seed's
+    # The recipe's own resolution on a CPU budget (README's 128 px CPU job, VAE + learned prior in
+    # ~19 minutes on 2 cores): the quick preset's subset, batch and phase-1 lr at 128 px, the seed's
     # model and widths, fewer epochs (~100 s each without the perceptual term).
     cfg = _quick()
     cfg.preset = "quick128"
