@@ -282,8 +282,17 @@ class _DomainRefs:
     n_val: int  # images of the validation row: it and every sampler are compared at this n
 
 
+def _val_in_train_mix(val_labels: torch.Tensor, train_labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The most validation images (at most k) whose class counts follow the training split's mix:
+    the extractor's features separate the classes, so a mix unlike train's would inflate the bar."""
+    shares = torch.bincount(train_labels.long(), minlength=len(CLASSES)).float() / len(train_labels)
+    counts = torch.bincount(val_labels.long(), minlength=len(CLASSES)).float()
+    n = min([k] + [int(counts[c] / shares[c]) for c in range(len(CLASSES)) if shares[c] > 0])
+    return _pick_in_mix(val_labels.long(), n, shares, seed)
+
+
 def _domain_references(domain_net, domain_info: dict, features_path, train_u8: torch.Tensor, test_u8: torch.Tensor,
-                       val_u8: torch.Tensor, train_subset: torch.Tensor, n_gen: int, seed: int,
+                       splits, train_subset: torch.Tensor, n_gen: int, seed: int,
                        device) -> tuple[_DomainRefs, dict]:
     """Features of the real references and the `domain` block of metrics.json (the real floors).
 
@@ -301,14 +310,17 @@ def _domain_references(domain_net, domain_info: dict, features_path, train_u8: t
     ref_a, ref_b = perm[:min(half, n_gen)], perm[half:half + min(half, n_gen)]
     dom_ref_a = extract_features(domain_net, train_u8[ref_a], size, device=device)
     dom_ref_b = extract_features(domain_net, train_u8[ref_b], size, device=device)
-    n_val = min(len(val_u8), len(ref_a), n_gen)
-    dom_val = extract_features(domain_net, val_u8[:n_val], size, device=device)
+    val_pick = _val_in_train_mix(splits.val.labels, splits.train.labels, min(len(ref_a), n_gen), seed)
+    n_val = len(val_pick)
+    dom_val = extract_features(domain_net, splits.val.images[val_pick], size, device=device)
+    val_counts = {c: int((splits.val.labels[val_pick] == i).sum()) for i, c in enumerate(CLASSES)}
     domain = {"features": str(features_path), "feature_dim": domain_net.num_features,
               "extractor_image_size": size, "extractor_test_accuracy": domain_info["test"]["accuracy"],
               "n_test": len(test_u8), "n_generated": n_gen, "n_train_reference": len(ref_a),
               "floor_train_vs_test": {"n_train": len(train_subset), **domain_fd_kid(dom_test, dom_train, seed)},
               "floor_train_vs_train": {"n": len(ref_a), **domain_fd_kid(dom_ref_a, dom_ref_b, seed)},
-              "val_vs_train": {"n": n_val, **domain_fd_kid(dom_ref_a[:n_val], dom_val, seed)},
+              "val_vs_train": {"n": n_val, "class_counts": val_counts,
+                               **domain_fd_kid(dom_ref_a[:n_val], dom_val, seed)},
               "note_class_mix": "the extractor is a NORMAL/PNEUMONIA classifier: FD against test also measures "
                                 "the class mix (test is 62.5% PNEUMONIA); domain_fd_vs_train compares with "
                                 "the distribution the VAE was trained on"}
@@ -341,7 +353,8 @@ class _SampleScorer:
             fake = extract_features(d.net, images, d.size, device=self.device)
             dom = domain_fd_kid(d.test_feats, fake, self.seed)
             dom_tr = domain_fd_kid(d.ref_a_feats, fake[:len(d.ref_a)], self.seed)
-            at_val_n = domain_fd_kid(d.ref_a_feats[:d.n_val], fake[:d.n_val], self.seed)["fd"] if d.n_val else None
+            pick = torch.randperm(len(fake), generator=torch.Generator().manual_seed(self.seed))[:d.n_val]  # rows are in label order
+            at_val_n = domain_fd_kid(d.ref_a_feats[:d.n_val], fake[pick], self.seed)["fd"] if d.n_val else None
             res.update({"domain_fd": dom["fd"], "domain_kid_mean": dom["kid_mean"], "domain_kid_std": dom["kid_std"],
                         "domain_fd_vs_train": dom_tr["fd"], "domain_kid_vs_train": dom_tr["kid_mean"],
                         "domain_fd_vs_train_at_val_n": at_val_n})
@@ -505,7 +518,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     refs, domain = None, None
     if domain_net is not None:
         refs, domain = _domain_references(domain_net, domain_info, features_path, splits.train.images,
-                                          splits.test.images, splits.val.images, train_subset, n_gen, seed, device)
+                                          splits.test.images, splits, train_subset, n_gen, seed, device)
     scorer = _SampleScorer(splits.train.images, seed, batch_size, device, progress, net, feats_test, refs)
     results, fitted = _sampler_rows(ctx, samplers, prior, scorer, n_gen, domain, recons)
     tstr = None

@@ -117,6 +117,8 @@ def test_features_cli_and_evaluate_with_features(tiny_features, real_data_root, 
     assert dom["floor_train_vs_train"]["n"] == dom["n_train_reference"] == 16  # two disjoint halves of 32
     # the validation row and every sampler's FD vs train at the validation row's n (FD grows as n shrinks)
     assert 1 <= dom["val_vs_train"]["n"] <= dom["n_train_reference"] and dom["val_vs_train"]["fd"] >= 0
+    normal, pneumonia = dom["val_vs_train"]["class_counts"].values()  # in train's 16 : 16 mix, not val's own
+    assert abs(normal - pneumonia) <= 1 and normal + pneumonia == dom["val_vs_train"]["n"]
     assert "real validation images (held-out patients: the bar)" in r.stdout
     for name in ("prior", "aggregate_posterior", "learned", "gmm_per_class"):
         s = m["samplers"][name]
