@@ -30,7 +30,7 @@ import warnings
 import zipfile
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -604,7 +604,7 @@ def unused_train_files(d: DataConfig, plan: Optional[SplitPlan] = None) -> list[
     if d.max_per_class is None:
         return []
     used = (plan or plan_for(d)).files["train"]
-    full = plan_splits(d.root, d.val_split, d.val_fraction, d.min_kaggle_val, d.split_seed, None).files["train"]
+    full = plan_for(replace(d, max_per_class=None)).files["train"]
     seen = {e.patient for e in used}
     return [e for e in full if e.patient not in seen]
 
