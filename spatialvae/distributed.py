@@ -69,6 +69,15 @@ def broadcast(value: Any) -> Any:
     return box[0]
 
 
+def gather(value: Any) -> list:
+    """Every rank's ``value``, in rank order, on every rank (any picklable object); ``[value]`` alone."""
+    if dist_info()[1] == 1:
+        return [value]
+    out: list = [None] * dist_info()[1]
+    dist.all_gather_object(out, value)
+    return out
+
+
 def all_true(ok: torch.Tensor) -> bool:
     """True when ``ok`` (a 0/1 tensor) is true on every rank: all ranks then decide alike."""
     ok = ok.float().reshape(1)

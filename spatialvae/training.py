@@ -134,6 +134,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best_val = math.inf
         self.nonfinite_total, self._bad_in_a_row = 0, 0
+        self._rank_rngs: Optional[list[dict]] = None  # under DDP: each rank's random streams at the last epoch end
         self._sample_gen_seed = t.seed + 12345  # fixed draws: grids from epoch to epoch are comparable
 
     def _place_model(self, model: nn.Module) -> None:
@@ -290,7 +291,7 @@ class Trainer:
                 self.best_val = row["val_select"]
             if self.is_main:
                 self.log.info(epoch_line(row, n_total, improved))
-                self._write_epoch(improved or "val_select" not in row)
+            self._write_epoch(improved or "val_select" not in row)
             distributed.barrier()
         return self.history
 
@@ -317,11 +318,17 @@ class Trainer:
         return row
 
     def _write_epoch(self, best: bool) -> None:
-        """Rank 0, after an epoch: grid (every sample_every epochs and the last), history, checkpoints."""
+        """After an epoch: rank 0 writes the grid (every sample_every epochs and the last), history and
+        checkpoints; every rank hands over its random streams once the grid has drawn from rank 0's."""
         if self.run_dir is None:
             return
-        if self.epoch % self.cfg.train.sample_every == 0 or self.epoch == total_epochs(self.cfg.train):
+        if self.is_main and (self.epoch % self.cfg.train.sample_every == 0
+                             or self.epoch == total_epochs(self.cfg.train)):
             self.save_samples()
+        if self.world_size > 1:
+            self._rank_rngs = distributed.gather(rng_state())
+        if not self.is_main:
+            return
         write_history_csv(self.history, self.run_dir / "history.csv")
         self.save(self.run_dir / "checkpoints" / "last.pt")
         if best:
@@ -348,8 +355,7 @@ class Trainer:
             "best_val": self.best_val,
             "nonfinite_total": self.nonfinite_total,
             "config": self.cfg.to_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": {"world_size": self.world_size, "ranks": self._rank_rngs or [rng_state()]},
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -363,6 +369,7 @@ class Trainer:
         """Restore everything `save` wrote; `fit()` then continues at the next epoch."""
         ckpt = load_checkpoint(path)
         check_compatible(config_from_checkpoint(ckpt), self.cfg, path)
+        own_rng = self._own_rng(ckpt.get("rng") or {}, path)  # refuses another world size before touching anything
         try:
             self.raw_model.load_state_dict(ckpt["model"])
             if ckpt.get("scheduler_phase"):
@@ -378,12 +385,33 @@ class Trainer:
         self.history = list(ckpt["history"])
         self.best_val = float(ckpt["best_val"])
         self.nonfinite_total = int(ckpt.get("nonfinite_total", 0))
-        rng = ckpt.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(own_rng)
         return self
+
+    def _own_rng(self, rng: dict, path) -> dict:
+        """This rank's random streams (posterior noise) from a checkpoint's ``rng``; every rank
+        saved its own, so a resume needs as many processes as wrote it."""
+        if "ranks" not in rng:  # written before streams were saved per rank: rank 0's alone
+            return rng
+        saved = int(rng["world_size"])
+        if saved != self.world_size:
+            raise CheckpointError(f"checkpoint {path} was written by {saved} process(es) and this run has "
+                                  f"{self.world_size}; each process's random stream is saved, so resume with "
+                                  f"{'torchrun --nproc-per-node ' + str(saved) if saved > 1 else 'one process'}")
+        return rng["ranks"][self.rank]
+
+
+def rng_state() -> dict:
+    """This process's global random streams: what draws the posterior noise."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(rng: dict) -> None:
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, p: PhaseConfig):

@@ -313,6 +313,76 @@ def test_two_process_gloo_run(real_data_root, tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model is saved
 
 
+def _torchrun_train(root: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """A 2-process gloo `train` of the smoke preset, 2 + 28 epochs (a few seconds), on the fake Kaggle tree."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "spatialvae",
+           "train", "--preset", "smoke", "--data", str(root), "--out", str(out), "--name", "ddp", "--quiet",
+           "--set", "train.phase1.epochs=2", "--set", "train.phase2.epochs=28", "--set", "prior.enabled=false", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun worker ``rank`` (a child of ``parent``), read from /proc."""
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            stat = (env.parent / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) == parent and f"RANK={rank}".encode() in env.read_bytes().split(b"\0"):
+                return int(env.parent.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    try:
+        return int(load_checkpoint(path)["epoch"]) if path.is_file() else 0
+    except CheckpointError:  # mid-replace on another filesystem: try again
+        return 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker to kill through /proc")
+def test_a_killed_torchrun_run_resumes_to_the_weights_of_an_unbroken_one(kaggle_tree, tmp_path):
+    import signal
+    import time
+
+    root = kaggle_tree["root"]
+    whole = _torchrun_train(root, tmp_path / "whole")
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
+    broken = _torchrun_train(root, tmp_path / "broken")
+    last = tmp_path / "broken" / "000-ddp" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while _checkpoint_epoch(last) < 2 and broken.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim = _rank_pid(broken.pid, 1)
+    assert victim is not None and broken.poll() is None, "the run ended before rank 1 could be killed"
+    os.kill(victim, signal.SIGKILL)  # at any moment of epochs 3..30
+    assert broken.wait(timeout=60) != 0
+    stopped_at = _checkpoint_epoch(last)
+    assert 2 <= stopped_at < 30
+    resumed = _torchrun_train(root, tmp_path / "unused", "--resume", str(tmp_path / "broken" / "000-ddp"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    a = load_checkpoint(tmp_path / "whole" / "000-ddp" / "checkpoints" / "last.pt")
+    b = load_checkpoint(last)
+    assert a["epoch"] == b["epoch"] == 30
+    diff = max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"])
+    assert diff == 0.0, f"resumed after epoch {stopped_at}: weights differ by up to {diff:.2e}"
+
+
+def test_a_resume_with_another_number_of_processes_is_refused_before_anything_changes(tmp_path):
+    cfg = smoke_cfg(**{"train.phase1.epochs": 1, "train.phase2.epochs": 0})
+    tr = make_trainer(cfg, run_dir=tmp_path)
+    tr.fit()
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    ckpt["rng"] = {"world_size": 2, "ranks": [ckpt["rng"]["ranks"][0]] * 2}  # as a 2-process run writes it
+    atomic_torch_save(ckpt, tmp_path / "two.pt")
+    fresh = make_trainer(cfg)
+    before = {k: v.clone() for k, v in fresh.raw_model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="written by 2 process.*torchrun --nproc-per-node 2"):
+        fresh.load(tmp_path / "two.pt")
+    assert fresh.epoch == 0 and all(torch.equal(before[k], v) for k, v in fresh.raw_model.state_dict().items())
+
+
 def test_monitor_logs_test_psnr_and_ssim_of_the_posterior_mean(tmp_path):
     from spatialvae.metrics import psnr, ssim_score
 
