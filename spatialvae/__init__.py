@@ -20,7 +20,7 @@ _EXPORTS = {
     "data": ("ChestXRayDataset", "DataSplits", "make_datasets"),
     "runs": ("load_checkpoint", "load_model", "create_run_dir"),
     "training": ("Trainer", "build_trainer"),
-    "sampling": ("GaussianSampler", "GMMSampler", "PriorSampler", "PerClass", "fit_sampler", "encode_dataset",
+    "sampling": ("GaussianSampler", "GMMSampler", "StandardNormalSampler", "PerClass", "fit_sampler", "encode_dataset",
                  "decode_latents", "generate", "interpolate"),
     "prior": ("LearnedPrior", "load_prior"),
     "evaluate": ("evaluate_run",),

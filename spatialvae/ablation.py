@@ -59,7 +59,7 @@ def _row(name: str, cfg: Config, run_dir: Path, metrics: dict, history: list[dic
         "best_epoch": metrics["checkpoint"]["epoch"],
         "test_ssim": rec["ssim"], "test_psnr_db": rec["psnr_db"], "test_l1": rec["l1"],
         "test_identity": metrics["reconstruction"].get("identity"),
-        "prior": sampler("prior"), "aggregate_posterior": sampler("aggregate_posterior"), "gmm": sampler("gmm"),
+        "standard_normal": sampler("standard_normal"), "aggregate_posterior": sampler("aggregate_posterior"), "gmm": sampler("gmm"),
         "perceptual_mode": metrics["perceptual_mode"],
         "eval_seconds": metrics["seconds"],
     }
@@ -126,7 +126,7 @@ def run_ablation(out: str | os.PathLike, base: Config, names: Optional[Sequence[
             del trainer
         if not metrics_path.is_file():
             evaluate_run(run_dir, checkpoint="best", features_path=features_path, inception=inception,
-                         samplers=("prior", "aggregate_posterior", "gmm"), progress=progress, device=device,
+                         samplers=("standard_normal", "aggregate_posterior", "gmm"), progress=progress, device=device,
                          n_samples=n_samples, seed=base.train.seed)
         metrics = json.loads(metrics_path.read_text())
         history = read_history_csv(run_dir / "history.csv")

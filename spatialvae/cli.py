@@ -196,14 +196,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .viz import image_grid, save_png
 
     labels = parse_label_mix(args.label, args.n)  # an unknown label fails before anything is loaded
-    if labels is not None and args.sampler == "prior":
+    args.sampler = _sampler_name(args.sampler, args.run)
+    if labels is not None and args.sampler == "standard_normal":
         raise ConfigError("--label needs a sampler that knows the classes: learned, gmm or gaussian")
     if args.guidance is not None and args.sampler != "learned":
         raise ConfigError(f"--guidance applies to --sampler learned only, not {args.sampler}; drop it or use learned")
     path = Path(args.run) / "checkpoints" / f"{args.checkpoint}.pt"
     model, cfg, ckpt = load_model(path)
     gen = torch.Generator().manual_seed(args.seed)
-    if args.sampler == "prior":
+    if args.sampler == "standard_normal":
         images = model.sample(args.n, generator=gen)
     else:
         sampler = _fitted_sampler(args, model, cfg, int(ckpt.get("epoch", 0)), labels is not None)
@@ -214,9 +215,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
             from .sampling import generate
             images = generate(model, sampler, args.n, gen, labels=labels)
     out = save_png(image_grid(images, nrow=int(max(1, round(args.n ** 0.5)))), args.out)
-    what = f"{args.sampler} samples" + (f" ({args.label})" if args.label else "")
+    kind = {"learned": "learned-prior", "standard_normal": "N(0, I)", "gmm": "GMM", "gaussian": "Gaussian"}[args.sampler]
+    what = f"{kind} samples (--sampler {args.sampler})" + (f" ({args.label})" if args.label else "")
     print(f"wrote {args.n} {what} from {path} (epoch {ckpt['epoch']}) to {out}")
     return 0
+
+
+def _sampler_name(name: Optional[str], run: str) -> str:
+    """``--sampler`` as given, or the run's learned prior when it has one (else the GMM); the old
+    name ``prior`` for N(0, I) still works, with a note naming the new one."""
+    if name == "prior":
+        print("note: --sampler prior is now --sampler standard_normal (N(0, I)); `prior` is the command that "
+              "trains the learned prior, which --sampler learned samples", file=sys.stderr)
+        return "standard_normal"
+    if name is None:
+        from .prior import prior_path
+        return "learned" if prior_path(run).is_file() else "gmm"
+    return name
 
 
 def _fitted_sampler(args: argparse.Namespace, model, cfg, epoch: int, per_class: bool):
@@ -401,10 +416,11 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--out", metavar="FILE.png", required=True)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--sampler", choices=("gmm", "gaussian", "learned", "prior"), default="gmm",
-                   help="gmm (default) or gaussian: fitted to the training latents (needs the data); learned: the "
-                        "run's flow-matching prior (checkpoints/prior.pt); prior: N(0, I), which the low-KL latent "
-                        "does not fill")
+    p.add_argument("--sampler", choices=("learned", "gmm", "gaussian", "standard_normal", "prior"), default=None,
+                   help="learned: the run's flow-matching prior (checkpoints/prior.pt; the default when the run has "
+                        "one); gmm (the default otherwise) or gaussian: fitted to the training latents (needs the "
+                        "data); standard_normal: N(0, I), which the low-KL latent does not fill ('prior' is its old, "
+                        "deprecated name)")
     p.add_argument("--label", default=None,
                    help="normal, pneumonia, or a mix such as normal:0.3,pneumonia:0.7 (default: the training mix)")
     p.add_argument("--guidance", type=float, default=None,

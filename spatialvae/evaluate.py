@@ -5,7 +5,7 @@ writes ``run_dir/metrics.json`` plus sample grids under ``run_dir/samples/eval_*
 
 * reconstruction of the test split (decoding the posterior mean): SSIM, PSNR, L1, overall and
   per class;
-* sample quality for each sampler (``prior`` = N(0, I), ``aggregate_posterior`` = a Gaussian
+* sample quality for each sampler (``standard_normal`` = N(0, I), ``aggregate_posterior`` = a Gaussian
   fitted to the training posterior means, ``gmm`` = a Gaussian mixture on them, their
   ``*_per_class`` versions fitted per class, and ``learned`` = the run's flow-matching prior,
   `spatialvae.prior`): FID and KID against the test split, with the train-vs-test value as the
@@ -63,7 +63,7 @@ from .metrics import (
 from .prior import load_prior, prior_path
 from .runs import atomic_torch_save, atomic_write_bytes, load_model
 from .sampling import (
-    PriorSampler,
+    StandardNormalSampler,
     decode_latents,
     encode_dataset,
     encode_originals,
@@ -78,7 +78,7 @@ from .viz import interleave_rows
 
 # Unconditional, then class-conditional (one fit per class, or the learned prior with labels, drawn
 # in the training class mix); learned_label_free is the learned prior's label-free model.
-SAMPLERS = ("prior", "aggregate_posterior", "gmm", "aggregate_posterior_per_class", "gmm_per_class", "learned",
+SAMPLERS = ("standard_normal", "aggregate_posterior", "gmm", "aggregate_posterior_per_class", "gmm_per_class", "learned",
             "learned_label_free")
 LEARNED = ("learned", "learned_label_free")  # need the run's checkpoints/prior.pt
 TSTR_SOURCES = ("aggregate_posterior_per_class", "gmm_per_class", "learned")  # class-conditional samplers
@@ -199,8 +199,8 @@ def sampler_labels(name: str, train_labels: torch.Tensor, n: int, seed: int) -> 
 def _fit_sampler(name: str, model: nn.Module, seed: int, prior, train_mu, train_labels):
     """The sampler behind an evaluate row: N(0, I), the learned prior, or a Gaussian / GMM fitted to
     the training latents (``*_per_class``: one per class)."""
-    if name == "prior":
-        return PriorSampler(model.latent_shape)
+    if name == "standard_normal":
+        return StandardNormalSampler(model.latent_shape)
     if name in LEARNED:
         return prior
     base = name.removesuffix("_per_class")
@@ -578,7 +578,7 @@ def _sampler_rows(ctx: _Context, samplers: Sequence[str], prior, scorer: "_Sampl
                   domain: Optional[dict], recons: torch.Tensor) -> tuple[dict, dict]:
     """Fit, draw and score every sampler (and, with domain features, the decoder's floor, which needs
     the training latents too) -> ({name: row}, {name: fitted sampler})."""
-    fitted_rows = [n for n in samplers if n != "prior" and n not in LEARNED]  # they need the training latents
+    fitted_rows = [n for n in samplers if n != "standard_normal" and n not in LEARNED]  # they need the training latents
     train_mu = (encode_originals(ctx.model, ctx.splits.train, ctx.batch_size, ctx.device, ctx.progress)
                 if fitted_rows or domain is not None else None)  # (N, *latent_shape)
     if domain is not None:

@@ -116,12 +116,12 @@ def metrics_table(metrics: dict) -> str:
 
 
 def ablation_table(rows: list[dict], base: Optional[Config] = None) -> str:
-    """One markdown table: reconstruction on the test split (with identity), prior and GMM samples."""
-    head = ("| variant | change | params | train s | test SSIM | PSNR dB | identity | prior dFD | GMM dFD | "
-            "prior FID | GMM FID | prior MS-SSIM | GMM MS-SSIM |")
+    """One markdown table: reconstruction on the test split (with identity), N(0, I) and GMM samples."""
+    head = ("| variant | change | params | train s | test SSIM | PSNR dB | identity | N(0, I) dFD | GMM dFD | "
+            "N(0, I) FID | GMM FID | N(0, I) MS-SSIM | GMM MS-SSIM |")
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        p, q = r["prior"], r.get("gmm") or {}
+        p, q = r.get("standard_normal") or r["prior"], r.get("gmm") or {}  # "prior": results written before the rename
         ident = r.get("test_identity")
         lines.append(
             f"| {r['variant']} | {r['change']} | {r['parameters'] / 1e6:.2f} M | {r['train_seconds']:.0f} | "

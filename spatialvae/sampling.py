@@ -68,15 +68,16 @@ def _cholesky_with_ridge(cov: torch.Tensor, ridge: float, tries: int = 6) -> tup
     raise SpatialVAEError(f"covariance of the latents is not positive definite even with a ridge of {ridge:g}")
 
 
-class PriorSampler:
-    """The VAE prior N(0, I): what ``model.sample`` decodes. ``fit`` does nothing."""
+class StandardNormalSampler:
+    """The VAE's nominal prior N(0, I): what ``model.sample`` decodes. ``fit`` does nothing.
+    (Not the learned prior of `spatialvae.prior`, which is fitted to the latents.)"""
 
-    name = "prior"
+    name = "standard_normal"
 
     def __init__(self, latent_shape: Sequence[int]):
         self.latent_shape = tuple(int(s) for s in latent_shape)
 
-    def fit(self, latents: Optional[torch.Tensor] = None) -> "PriorSampler":
+    def fit(self, latents: Optional[torch.Tensor] = None) -> "StandardNormalSampler":
         return self
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -376,6 +377,6 @@ def epoch_sheet(model: nn.Module, val_data: Optional[Dataset], n: int, generator
     return sample_sheet(samples, originals, decode_latents(model, latents[:k]))
 
 
-__all__ = ["PriorSampler", "GaussianSampler", "GMMSampler", "PerClass", "fit_sampler", "parse_label_mix",
+__all__ = ["StandardNormalSampler", "GaussianSampler", "GMMSampler", "PerClass", "fit_sampler", "parse_label_mix",
            "CLASSES", "encode_dataset", "encode_originals", "decode_latents", "generate", "interpolate",
            "save_grid", "epoch_sheet"]

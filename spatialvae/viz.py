@@ -157,9 +157,9 @@ def plot_class_balance(counts: dict, path: str | os.PathLike | None = None):
 def ablation_figure(rows: list[dict], images: dict, path: str | os.PathLike | None = None):
     """One row per ablation variant: test originals above their reconstructions, prior samples and
     GMM (aggregate-posterior) samples. ``images``: {variant: {"reconstructions": (2k, 1, S, S)
-    interleaved, "prior": (k, 1, S, S), "gmm": (k, 1, S, S)}} in [0, 1] (see `evaluate.load_eval_images`)."""
+    interleaved, "standard_normal": (k, 1, S, S), "gmm": (k, 1, S, S)}} in [0, 1] (see `evaluate.load_eval_images`)."""
     plt = _plt()
-    columns = [("reconstructions", "test: original / reconstruction"), ("prior", "prior N(0, I) samples"),
+    columns = [("reconstructions", "test: original / reconstruction"), ("standard_normal", "N(0, I) samples"),
                ("gmm", "GMM (aggregate posterior) samples")]
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(4.2 * len(columns), 1.25 * len(rows) + 0.4),
                              squeeze=False)
@@ -168,7 +168,8 @@ def ablation_figure(rows: list[dict], images: dict, path: str | os.PathLike | No
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
-            tiles = images.get(row["variant"], {}).get(key)
+            got = images.get(row["variant"], {})
+            tiles = got.get(key, got.get("prior") if key == "standard_normal" else None)  # "prior": before the rename
             if tiles is not None:
                 ax.imshow(image_grid(tiles, nrow=len(tiles) // 2 if key == "reconstructions" else len(tiles))[0],
                           cmap="gray", vmin=0, vmax=1)

@@ -94,7 +94,7 @@ def test_impossible_ablations_raise_config_error(call, match):
 def test_table_has_one_row_per_variant_and_na_for_missing_metrics():
     sampler = {"fid": None, "domain_fd_vs_train": 12.345, "ms_ssim_diversity": 0.5, "nn_train_rmse": 0.1}
     rows = [{"variant": v, "change": "c", "parameters": 2_000_000, "train_seconds": 61.0, "test_ssim": 0.5,
-             "test_psnr_db": 18.0, "test_identity": 0.99, "prior": sampler, "gmm": sampler} for v in ("recipe", "mse")]
+             "test_psnr_db": 18.0, "test_identity": 0.99, "standard_normal": sampler, "gmm": sampler} for v in ("recipe", "mse")]
     rows[1].pop("gmm"), rows[1].pop("test_identity")  # a row from before GMM and identity were reported
     lines = ablation_table(rows).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| recipe |") and lines[3].startswith("| mse |")
@@ -112,7 +112,7 @@ def test_ablate_command_trains_evaluates_and_resumes(real_data_root, tmp_path, c
     assert [r["variant"] for r in res] == ["recipe", "no_attention"]
     for r in res:
         assert r["epochs"] == 2 and r["train_images_seen"] == 2 * 16  # 8 + 8 train images, two full batches
-        assert 0 <= r["test_ssim"] <= 1 and r["prior"]["ms_ssim_diversity"] is not None
+        assert 0 <= r["test_ssim"] <= 1 and r["standard_normal"]["ms_ssim_diversity"] is not None
         assert (out / r["variant"] / "metrics.json").is_file()
     assert res[1]["parameters"] < res[0]["parameters"]  # attention blocks removed
     table = (out / "ablation.md").read_text()
@@ -168,13 +168,13 @@ def test_ablation_figure_is_drawn_from_tensors(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     images = {"recipe": {"reconstructions": torch.rand(8, 1, 16, 16, generator=g),
-                         "prior": torch.rand(4, 1, 16, 16, generator=g), "gmm": torch.rand(4, 1, 16, 16, generator=g)}}
+                         "standard_normal": torch.rand(4, 1, 16, 16, generator=g), "gmm": torch.rand(4, 1, 16, 16, generator=g)}}
     rows = [{"variant": "recipe"}, {"variant": "original"}]  # no tensors for `original`: "missing"
     fig = ablation_figure(rows, images, tmp_path / "a.png")
     axes = fig.axes
     assert len(axes) == 6 and (tmp_path / "a.png").is_file()
     shown = axes[1].images[0].get_array()  # the recipe's prior samples: one row of 4 tiles
-    assert np.allclose(np.asarray(shown), image_grid(images["recipe"]["prior"], nrow=4)[0].numpy())
+    assert np.allclose(np.asarray(shown), image_grid(images["recipe"]["standard_normal"], nrow=4)[0].numpy())
     assert np.asarray(axes[0].images[0].get_array()).shape == image_grid(images["recipe"]["reconstructions"], 4)[0].shape
     assert not axes[3].images and axes[3].texts[0].get_text() == "missing"
     close_figure(fig)

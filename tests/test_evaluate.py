@@ -216,7 +216,7 @@ def test_evaluate_run_with_a_feature_network_fills_fid_and_kid(smoke_run, offlin
 
     monkeypatch.setattr(ev, "load_inception", lambda spec: (PooledPixels(), "stand-in", None))
     run, tree = smoke_run
-    m = _evaluate(run, tree, samplers=("prior", "aggregate_posterior"))
+    m = _evaluate(run, tree, samplers=("standard_normal", "aggregate_posterior"))
     assert "inception_unavailable" not in m and m["inception"]["weights"] == "stand-in"
     floor = m["reference"]["train_vs_test"]
     assert floor["n_train"] == 6 and floor["fid"] >= 0 and floor["kid_std"] >= 0
@@ -228,11 +228,11 @@ def test_evaluate_run_options(smoke_run, offline, monkeypatch):
     run, tree = smoke_run
     with monkeypatch.context() as mp:  # N(0, I) alone needs no training latents: none are encoded
         mp.setattr(ev, "encode_originals", lambda *a, **k: pytest.fail("encoded the training split for nothing"))
-        m = _evaluate(run, tree, inception="off", checkpoint="last", n_samples=4, samplers=("prior",), c2st=False)
+        m = _evaluate(run, tree, inception="off", checkpoint="last", n_samples=4, samplers=("standard_normal",), c2st=False)
     assert offline == [] and m["c2st"] is None  # "off" never tries to download
     assert m["inception_unavailable"] == "skipped (inception='off')"
     assert m["n_generated"] == 4 and "n_samples" in m["n_generated_note"]
-    assert list(m["samplers"]) == ["prior"] and m["checkpoint"]["path"].endswith("last.pt")
+    assert list(m["samplers"]) == ["standard_normal"] and m["checkpoint"]["path"].endswith("last.pt")
     with pytest.raises(SpatialVAEError, match="no features file"):
         _evaluate(run, tree, features_path="features.pt")
     with pytest.raises(SpatialVAEError, match="unknown sampler"):
@@ -248,8 +248,8 @@ def test_evaluate_run_on_real_data_smoke_run(real_data_root, tmp_path, offline):
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     run = next((tmp_path / "runs").iterdir())
-    m = ev.evaluate_run(run, device="cpu", progress=False, samplers=("prior", "aggregate_posterior"))
-    assert m["inception_unavailable"] and m["samplers"]["prior"]["fid"] is None
+    m = ev.evaluate_run(run, device="cpu", progress=False, samplers=("standard_normal", "aggregate_posterior"))
+    assert m["inception_unavailable"] and m["samplers"]["standard_normal"]["fid"] is None
     assert m["n_generated"] == m["data"]["n_test"] == sum(m["data"]["test_counts"].values())
     assert m["reconstruction"]["NORMAL"]["n"] > 0 and m["reconstruction"]["PNEUMONIA"]["n"] > 0
     assert (run / "metrics.json").is_file() and (run / "samples" / "eval_aggregate_posterior.png").is_file()
@@ -312,7 +312,7 @@ def test_evaluate_run_c2st_of_learned_samples_and_reconstructions(smoke_run, tmp
     latents, labels = torch.randn(40, 8, 4, 4), torch.arange(2).repeat_interleave(20)
     atomic_torch_save({**LearnedPrior(tiny).fit(latents, labels).state_dict(), "done": True}, prior_path(run))
     tree = _tree_with_more_training_images(tmp_path / "data")
-    m = _evaluate(run, tree, inception="off", samplers=("prior", "learned"), n_samples=16, tstr_per_class=0)
+    m = _evaluate(run, tree, inception="off", samplers=("standard_normal", "learned"), n_samples=16, tstr_per_class=0)
     c = m["c2st"]
     assert c["reference"]["source"] == "train_unused" and c["reference"]["n"] >= 8
     for name in ("learned", "reconstructions"):

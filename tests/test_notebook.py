@@ -50,7 +50,7 @@ def test_notebook_runs_headless_with_the_smoke_preset(data_root, tmp_path, monke
     assert (run / "history.png").is_file() and (run / "checkpoints" / "best.pt").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["reconstruction"]["overall"]["ssim"] > 0
-    assert metrics["samplers"]["prior"]["fid"] is None and metrics["inception_unavailable"]
+    assert metrics["samplers"]["standard_normal"]["fid"] is None and metrics["inception_unavailable"]
     if fake:  # the notebook passed its TSTR_PER_CLASS parameter on; and every readable test image was measured
         assert metrics["tstr"] is None and metrics["reconstruction"]["overall"]["n"] == 6
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,7 +219,7 @@ def test_sample_learned_per_class_writes_a_grid(prior_run, tmp_path, capsys):
     out = tmp_path / "learned.png"
     code, text, _ = _cli(["sample", "--run", run, "--sampler", "learned", "--label", "pneumonia", "--n", 4,
                           "--out", out], capsys)
-    assert code == 0 and out.is_file() and "learned samples (pneumonia)" in text
+    assert code == 0 and out.is_file() and "learned-prior samples (--sampler learned) (pneumonia)" in text
     code, _, err = _cli(["sample", "--run", run, "--sampler", "learned", "--checkpoint", "last", "--n", 2,
                          "--out", tmp_path / "last.png"], capsys)
     assert code == 0 and err == ""  # last.pt is best.pt's epoch here (3), so no warning
@@ -231,6 +232,37 @@ def test_sample_learned_per_class_writes_a_grid(prior_run, tmp_path, capsys):
     code, _, _ = _cli(["sample", "--run", run, "--sampler", "gmm", "--label", "normal:1,pneumonia:1", "--n", 4,
                        "--data", tree["root"], "--out", tmp_path / "gmm.png"], capsys)
     assert code == 0 and (tmp_path / "gmm.png").is_file()
+
+
+def test_sample_uses_the_learned_prior_by_default_and_says_so(prior_run, tmp_path, capsys):
+    from PIL import Image
+
+    from spatialvae.prior import prior_path
+
+    run, tree = prior_run
+    code, text, _ = _cli(["sample", "--run", run, "--n", 4, "--out", tmp_path / "default.png"], capsys)
+    assert code == 0 and "learned-prior samples (--sampler learned)" in text
+    code, _, _ = _cli(["sample", "--run", run, "--sampler", "learned", "--n", 4, "--out", tmp_path / "l.png"], capsys)
+    same = [np.asarray(Image.open(tmp_path / f)) for f in ("default.png", "l.png")]
+    assert code == 0 and np.array_equal(*same)
+    without = _copy_run(run, tmp_path)
+    prior_path(without).unlink()
+    code, text, _ = _cli(["sample", "--run", without, "--n", 4, "--data", tree["root"], "--out", tmp_path / "g.png"],
+                         capsys)
+    assert code == 0 and "GMM samples (--sampler gmm)" in text  # no prior.pt: the GMM, named
+
+
+def test_the_old_sampler_name_prior_still_draws_n01_and_names_the_new_one(prior_run, tmp_path, capsys):
+    from PIL import Image
+
+    run, _ = prior_run
+    code, text, err = _cli(["sample", "--run", run, "--sampler", "prior", "--n", 4, "--out", tmp_path / "old.png"],
+                           capsys)
+    assert code == 0 and "--sampler standard_normal" in err and "N(0, I) samples" in text
+    code, _, _ = _cli(["sample", "--run", run, "--sampler", "standard_normal", "--n", 4, "--out", tmp_path / "new.png"],
+                      capsys)
+    grids = [np.asarray(Image.open(tmp_path / f)) for f in ("old.png", "new.png")]
+    assert code == 0 and np.array_equal(*grids)
 
 
 def _copy_run(run, tmp_path):
@@ -264,7 +296,7 @@ def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_pa
         blob = torch.load(prior_path(run), weights_only=True)
         atomic_torch_save({**blob, "done": False, "step": 10}, prior_path(run))
     elif case == "label with N(0, I)":
-        args = ["sample", "--run", run, "--sampler", "prior", "--label", "normal", "--out", tmp_path / "out.png"]
+        args = ["sample", "--run", run, "--sampler", "standard_normal", "--label", "normal", "--out", tmp_path / "out.png"]
     else:
         args = ["sample", "--run", run, "--sampler", "gmm", "--guidance", "2", "--out", tmp_path / "out.png"]
     code, _, err = _cli(args, capsys)

@@ -13,7 +13,7 @@ from spatialvae.model import build_model
 from spatialvae.sampling import (
     GaussianSampler,
     GMMSampler,
-    PriorSampler,
+    StandardNormalSampler,
     encode_dataset,
     generate,
     interpolate,
@@ -48,7 +48,7 @@ def tiny_model():
 
 def test_prior_sampler_draws_what_model_sample_draws():
     model, _ = tiny_model()
-    s = PriorSampler(model.latent_shape).fit(None)
+    s = StandardNormalSampler(model.latent_shape).fit(None)
     z = s.sample(5, torch.Generator().manual_seed(3))
     assert z.shape == (5, *model.latent_shape)
     assert torch.equal(z, torch.randn((5, *model.latent_shape), generator=torch.Generator().manual_seed(3)))
