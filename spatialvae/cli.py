@@ -162,8 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.resume:
             run_dir = Path(args.resume)
         else:
-            run_dir = Path(distributed.broadcast(
-                str(create_run_dir(args.out, args.name or cfg.preset)) if rank == 0 else None))
+            run_dir = Path(distributed.run_on_main(lambda: str(create_run_dir(args.out, args.name or cfg.preset))))
         log = make_logger(run_dir if rank == 0 else None)
         trainer = build_trainer(cfg, splits.train, splits.val, run_dir, device=device, progress=not args.quiet,
                                 resume=bool(args.resume), loss=loss,
@@ -547,6 +546,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SpatialVAEError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # under torchrun: a collective broken by another process's death
+        from .distributed import peer_failure
+
+        if (line := peer_failure(e)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished files and checkpoints are kept", file=sys.stderr)
         return 130

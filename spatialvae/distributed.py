@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+from .errors import SpatialVAEError, short_reason
+
+
+class PeerFailedError(SpatialVAEError):
+    """Another process of the torchrun job failed; this one stops too, in one line."""
 
 
 def dist_info() -> tuple[int, int]:
@@ -52,12 +58,45 @@ def barrier() -> None:
 
 @contextmanager
 def main_first():
-    """Rank 0 runs the block first (e.g. decodes and writes the cache); the others then run it."""
-    if not is_main():
-        barrier()
-    yield
+    """Rank 0 runs the block first (e.g. decodes and writes the cache); the others then run it.
+    If rank 0 fails in it, the others stop at once with `PeerFailedError` instead of waiting."""
+    if dist_info()[1] == 1:
+        yield
+        return
     if is_main():
-        barrier()
+        try:
+            yield
+        except BaseException as e:
+            broadcast(short_reason(e))
+            raise
+        broadcast(None)
+    else:
+        failure = broadcast(None)
+        if failure is not None:
+            raise PeerFailedError(f"rank {dist_info()[0]} stops: rank 0 failed first ({failure}); its message is above")
+        yield
+
+
+def run_on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, its result on every rank; if it raises there, the others raise
+    `PeerFailedError` at once instead of waiting for a result that never comes."""
+    if dist_info()[1] == 1:
+        return fn()
+    with main_first():
+        value = fn() if is_main() else None
+    return broadcast(value)
+
+
+def peer_failure(e: BaseException) -> Optional[str]:
+    """One line for a collective that broke because another process died (``None``: not that)."""
+    if dist_info()[1] == 1 or not isinstance(e, RuntimeError):
+        return None
+    text = str(e)
+    if not any(k in text for k in ("Connection closed by peer", "Connection reset", "NCCL", "Broken pipe",
+                                   "DistBackendError", "timed out")):
+        return None
+    return (f"rank {dist_info()[0]} stops: another process of this torchrun job failed ({short_reason(e)}); "
+            "torchrun's summary below names it, and its own message is above")
 
 
 def broadcast(value: Any) -> Any:

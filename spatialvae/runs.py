@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable, Optional
 import torch
 
 from .config import Config
-from .errors import CheckpointError, short_reason
+from .errors import CheckpointError, SpatialVAEError, short_reason
 from .model import build_model
 
 # 2: model.shortcut, model.logvar_init and kl_reduction=mean became the defaults; 3: model.decoder_skip
@@ -65,7 +65,11 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
 def create_run_dir(out: str | os.PathLike, name: str) -> Path:
     """``out/NNN-name`` with NNN one more than the highest existing number (DiT-style)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, read-only disk
+        raise SpatialVAEError(f"cannot make the runs folder {out} ({short_reason(e)}); pass --out a folder "
+                              "you can write to") from None
     taken = [int(p.name.split("-", 1)[0]) for p in out.iterdir() if p.is_dir() and p.name[:3].isdigit()]
     index = max(taken, default=-1) + 1
     while True:

@@ -303,7 +303,7 @@ class Trainer:
         t0 = time.perf_counter()
         train = self.train_epoch(beta)
         train_seconds = time.perf_counter() - t0
-        val = distributed.broadcast(self.evaluate(beta=beta) if self.is_main else None)  # rank 0 validates
+        val = distributed.run_on_main(lambda: self.evaluate(beta=beta))  # rank 0 validates
         if p.scheduler == "plateau":
             self.scheduler.step(val.get("select", train["total"]))
         elif self.scheduler is not None:

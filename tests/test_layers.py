@@ -13,8 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "spatialvae"
 
 # Lowest first. A module imports (at module level) only from earlier layers.
 LAYERS = (
-    ("errors", "engine", "distributed"),  # no package imports
-    ("config",),
+    ("errors",),  # no package imports
+    ("engine", "distributed", "config"),
     ("model", "variants"),
     ("losses", "runs"),
     ("data", "viz"),

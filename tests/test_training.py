@@ -383,6 +383,26 @@ def test_a_resume_with_another_number_of_processes_is_refused_before_anything_ch
     assert fresh.epoch == 0 and all(torch.equal(before[k], v) for k, v in fresh.raw_model.state_dict().items())
 
 
+@pytest.mark.parametrize("case", ["no dataset", "run folder cannot be made"])
+def test_when_rank_0_fails_first_every_rank_stops_at_once_in_one_line(kaggle_tree, tmp_path, case):
+    import time
+
+    data, out = str(kaggle_tree["root"]), tmp_path / "runs"
+    if case == "no dataset":
+        data = str(tmp_path / "nowhere")  # rank 0 fails inside main_first, where the others wait
+    else:
+        out.write_text("a file where the runs folder should be")  # rank 0 fails making the run folder
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "spatialvae",
+           "train", "--preset", "smoke", "--data", data, "--out", str(out), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode != 0 and time.time() - t0 < 60
+    assert "[rank1]" not in r.stderr and "[rank0]" not in r.stderr  # no worker traceback
+    assert r.stderr.count("error: rank 1 stops: rank 0 failed first") == 1
+    assert r.stderr.count("error: ") == 2  # rank 0's own message and rank 1's line
+
+
 def test_monitor_logs_test_psnr_and_ssim_of_the_posterior_mean(tmp_path):
     from spatialvae.metrics import psnr, ssim_score
 
