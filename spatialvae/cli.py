@@ -22,6 +22,49 @@ from .config import PRESETS, Config, DataConfig, get_preset
 from .errors import ConfigError, SpatialVAEError, WeightsError
 from .variants import VARIANT_NAMES, ablation_base
 
+# ---- argument checks: argparse prints the usage and one error line, exits 2, before any work ------
+
+MAX_GRID = 4096  # images in one `sample` PNG: 64 x 64 tiles; more is unreadable and may not fit in memory
+
+
+def count(lo: int, hi: Optional[int] = None, unit: str = "") -> "callable":
+    """An argparse type: a whole number in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < lo or (hi is not None and v > hi):
+            span = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+            raise argparse.ArgumentTypeError(f"{v} is out of range: expected {span}{unit}")
+        return v
+    parse.__name__ = "count"
+    return parse
+
+
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} is out of range: expected a finite number >= 0")
+    return v
+
+
+def output_file(text: str) -> Path:
+    """An argparse type: a path that can become a file (not a folder, no file where a folder must be)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name inside it")
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {above} is a file, not a folder")
+    return path
+
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", default=None,
@@ -412,8 +455,8 @@ def _add_train_parser(sub) -> None:
 def _add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("--run", metavar="RUN_DIR", required=True)
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--out", metavar="FILE.png", required=True)
+    p.add_argument("--n", type=count(1, MAX_GRID, " images in one grid"), default=64)
+    p.add_argument("--out", metavar="FILE.png", type=output_file, required=True)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--sampler", choices=("learned", "gmm", "gaussian", "standard_normal", "prior"), default=None,
                    help="learned: the run's flow-matching prior (checkpoints/prior.pt; the default when the run has "
@@ -422,7 +465,7 @@ def _add_sample_parser(sub) -> None:
                         "deprecated name)")
     p.add_argument("--label", default=None,
                    help="normal, pneumonia, or a mix such as normal:0.3,pneumonia:0.7 (default: the training mix)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=non_negative, default=None,
                    help="classifier-free guidance scale of the learned prior (default: the run's prior.guidance)")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder for gmm/gaussian (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
@@ -445,12 +488,12 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--run", metavar="RUN_DIR", required=True)
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: the run's own)")
     p.add_argument("--checkpoint", default="best", help="best, last, or a path to a .pt file")
-    p.add_argument("--n", type=int, default=None, help="images generated per sampler (default: test split size)")
+    p.add_argument("--n", type=count(2), default=None, help="images generated per sampler (default: test split size)")
     p.add_argument("--inception", default="auto",
                    help="auto (cache, else download), off, or a path to the FID Inception weights")
     p.add_argument("--features", metavar="FILE.pt", default=None,
                    help="X-ray feature extractor from the `features` command: adds domain FD/KID")
-    p.add_argument("--tstr", type=int, default=300, metavar="N",
+    p.add_argument("--tstr", type=count(0), default=300, metavar="N",
                    help="train-on-synthetic-test-on-real with N images per class per conditional sampler, three "
                         "classifier seeds each (default 300, ~4 min at 64 px on 2 CPU cores); 0 skips it")
     p.add_argument("--no-c2st", dest="c2st", action="store_false",
@@ -464,10 +507,10 @@ def _add_evaluate_parser(sub) -> None:
 def _add_features_parser(sub) -> None:
     p = sub.add_parser("features", help="train the chest X-ray feature extractor for the domain Fréchet distance")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
-    p.add_argument("--out", metavar="FILE.pt", required=True)
+    p.add_argument("--out", metavar="FILE.pt", type=output_file, required=True)
     p.add_argument("--image-size", type=int, choices=(32, 64, 128), default=64)
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 8)")
-    p.add_argument("--max-per-class", type=int, default=None, help="cap images per class and split (tests)")
+    p.add_argument("--epochs", type=count(1), default=None, help="training epochs (default 8)")
+    p.add_argument("--max-per-class", type=count(1), default=None, help="cap images per class and split (tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_features)
@@ -490,7 +533,7 @@ def _add_ablate_parser(sub) -> None:
                    help="X-ray feature extractor for the domain FD (default: OUT/xray_features.pt, trained if "
                         "missing, ~3 min); 'none' to skip")
     p.add_argument("--inception", default="auto", help="FID Inception weights: auto, off, or a path")
-    p.add_argument("--n", type=int, default=None, help="images generated per sampler (default: test split size)")
+    p.add_argument("--n", type=count(2), default=None, help="images generated per sampler (default: test split size)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override the base config of every variant, e.g. --set data.max_per_class=500")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -500,7 +543,7 @@ def _add_ablate_parser(sub) -> None:
 def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure data and training-step speed (eager, channels_last, compile, AMP)")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
-    p.add_argument("--out", metavar="FILE.json", default="runs/bench.json", help="figures as JSON (default runs/bench.json)")
+    p.add_argument("--out", metavar="FILE.json", type=output_file, default="runs/bench.json", help="figures as JSON (default runs/bench.json)")
     p.add_argument("--preset", choices=("seed", "quick", "smoke"), default="seed", help="model to time (default seed)")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
@@ -510,7 +553,7 @@ def _add_bench_parser(sub) -> None:
                         "(+ fp16, bf16, fp16+channels_last, bf16+channels_last on CUDA); default: all")
     p.add_argument("--perceptual", choices=("both", "off", "on"), default="both",
                    help="time steps without and/or with the VGG16 perceptual term (random weights: same cost)")
-    p.add_argument("--kaggle-n", type=int, default=200, help="Kaggle-size JPEGs synthesised for the decode rate")
+    p.add_argument("--kaggle-n", type=count(1), default=200, help="Kaggle-size JPEGs synthesised for the decode rate")
     p.add_argument("--skip-data", action="store_true", help="model figures only")
     p.add_argument("--curve", metavar="RUN_DIR", nargs="+", default=None,
                    help="instead of timing: time-to-quality curves (test PSNR/SSIM vs minutes) of runs trained "

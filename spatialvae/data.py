@@ -405,7 +405,7 @@ def _load_cache(path: Path, entries: Sequence[FileEntry]) -> Optional[Preprocess
 
 
 def _save_cache(path: Path, split: PreprocessedSplit) -> None:
-    """Atomic write (see `files.atomic_write`): a crash leaves no half-written cache file."""
+    """Atomic write (see `runs.atomic_write`): a crash leaves no half-written cache file."""
 
     meta = json.dumps({"paths": split.paths, "modes": split.orig_modes, "skipped": split.skipped})
     atomic_write(path, lambda f: np.savez(f, images=split.images, orig_sizes=split.orig_sizes, meta=np.array(meta)))

@@ -35,8 +35,19 @@ _OLD_DEFAULTS = {2: {"model": {"shortcut": "conv", "logvar_init": None}, "loss":
 
 # ---- atomic files ------------------------------------------------------------------------------
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(f)`` on a temp file next to ``path``, then move it into place atomically."""
+    """Call ``write(f)`` on a temp file next to ``path``, then move it into place atomically.
+    A path that cannot be written (a folder or file in the way, no permission, disk full) is one
+    `SpatialVAEError`; whatever was at ``path`` before is left as it was."""
     path = Path(path)
+    try:
+        _write_via_temp(path, write)
+    except OSError as e:
+        raise SpatialVAEError(f"cannot write {path} ({short_reason(e)}); pass a path in a folder you can write "
+                              "to") from None
+    return path
+
+
+def _write_via_temp(path: Path, write: Callable[[BinaryIO], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # unique per writer
     try:
@@ -49,7 +60,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -48,7 +48,7 @@ def _pad_width(img: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write a (1, H, W) or (N, 1, H, W) tensor in [0, 1] as PNG, atomically (see `files.atomic_write`)."""
+    """Write a (1, H, W) or (N, 1, H, W) tensor in [0, 1] as PNG, atomically (see `runs.atomic_write`)."""
 
     if image.dim() == 4:
         image = image_grid(image)
@@ -69,7 +69,7 @@ def _plt():
 
 def _finish(fig, path):
     fig.tight_layout()
-    if path is not None:  # crash-safe like every other file we write (files.atomic_write)
+    if path is not None:  # crash-safe like every other file we write (runs.atomic_write)
 
         fmt = Path(path).suffix.lstrip(".").lower() or "png"
         atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=110))

@@ -265,6 +265,16 @@ def test_the_old_sampler_name_prior_still_draws_n01_and_names_the_new_one(prior_
     assert code == 0 and np.array_equal(*grids)
 
 
+def test_sample_into_a_folder_that_cannot_be_made_is_one_error_line(prior_run, capsys):
+    from pathlib import Path
+
+    run, _ = prior_run
+    target = Path("/proc/spatialvae-test/s.png")  # a folder nobody can make, not even root
+    code, _, err = _cli(["sample", "--run", run, "--n", 2, "--out", target], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: cannot write {target}")
+    assert not target.parent.exists()
+
+
 def _copy_run(run, tmp_path):
     import shutil
 
