@@ -201,6 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         with distributed.main_first():  # rank 0 decodes (all cores) and writes the cache; the others read it
             splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=not args.quiet and rank == 0)
+        _warn_missing_classes(splits.train.labels, rank)
         loss = build_loss(cfg)  # fails on missing VGG weights before a run folder is made
         if args.resume:
             run_dir = Path(args.resume)
@@ -225,6 +226,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown()
     return 0
+
+
+def _warn_missing_classes(labels, rank: int) -> None:
+    """One warning when the training split lacks a class: it trains, but only on the other."""
+    from .data import CLASSES
+
+    missing = [name for k, name in enumerate(CLASSES) if not bool((labels == k).any())]
+    if missing and rank == 0:
+        print(f"warning: the training split has no {' or '.join(missing)} images (train/{missing[0]} is empty): "
+              f"the model and its prior learn the other class only, and sampling --label "
+              f"{missing[0].lower()} will be refused", file=sys.stderr)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

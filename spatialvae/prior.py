@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.std import tqdm
 
 from .config import Config, PriorConfig
-from .data import make_datasets
+from .data import CLASSES, make_datasets
 from .engine import default_device
 from .errors import CheckpointError, SpatialVAEError, short_reason
 from .runs import atomic_torch_save, load_model
@@ -165,6 +165,11 @@ class LearnedPrior:
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if len(labels) != n or bool(((labels < 0) | (labels > N_CLASSES)).any()):
             raise SpatialVAEError(f"labels must be {n} values in 0 (NORMAL), 1 (PNEUMONIA) or {N_CLASSES} (none)")
+        unseen = [CLASSES[k] for k in sorted(set(labels.tolist()) - {N_CLASSES})
+                  if sum(self.class_counts) > 0 and self.class_counts[k] == 0]
+        if unseen:
+            raise SpatialVAEError(f"the learned prior saw no {' or '.join(unseen)} training images, so it cannot draw "
+                                  "that class; train on a dataset with both classes, or sample without --label")
         x = torch.randn((n, *self.latent_shape), generator=generator)  # one draw for all: batch-size independent
         self.net.eval()
         out = [self._integrate(x[s:s + batch_size], labels[s:s + batch_size], guidance, steps)

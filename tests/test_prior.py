@@ -275,6 +275,22 @@ def test_sample_into_a_folder_that_cannot_be_made_is_one_error_line(prior_run, c
     assert not target.parent.exists()
 
 
+def test_a_dataset_with_one_class_trains_with_a_warning_and_refuses_the_missing_class(kaggle_tree, tmp_path, capsys):
+    root = kaggle_tree["root"]
+    for split in ("train", "val"):
+        for f in (root / split / "PNEUMONIA").iterdir():
+            f.unlink()  # the folder stays, empty
+    code, _, err = _cli(["train", "--preset", "smoke", "--data", root, "--out", tmp_path / "runs", "--quiet",
+                         "--set", "data.max_per_class=null"], capsys)
+    assert code == 0 and err.count("warning: the training split has no PNEUMONIA images") == 1
+    run = tmp_path / "runs" / "000-smoke"
+    code, _, err = _cli(["sample", "--run", run, "--label", "pneumonia", "--n", 2, "--out", tmp_path / "p.png"], capsys)
+    assert code == 2 and "the learned prior saw no PNEUMONIA training images" in err and err.count("\n") == 1
+    assert not (tmp_path / "p.png").exists()
+    code, text, _ = _cli(["sample", "--run", run, "--label", "normal", "--n", 2, "--out", tmp_path / "n.png"], capsys)
+    assert code == 0 and (tmp_path / "n.png").is_file()
+
+
 def _copy_run(run, tmp_path):
     import shutil
 
