@@ -193,10 +193,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .data import make_datasets
     from .losses import build_loss
+    from .model import check_buildable
     from .runs import create_run_dir, make_logger
     from .training import build_trainer
 
     cfg = _load_train_config(args)
+    check_buildable(cfg)  # an impossible model fails here, before any data is decoded
     rank, _, device = distributed.init_distributed()
     try:
         with distributed.main_first():  # rank 0 decodes (all cores) and writes the cache; the others read it

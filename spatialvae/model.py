@@ -562,5 +562,12 @@ def build_model(cfg: Config) -> nn.Module:
     return ARCHITECTURES[arch](cfg.model, cfg.data.image_size)
 
 
+def check_buildable(cfg: Config) -> None:
+    """Raise the `ConfigError` building this config's model would, without allocating its weights
+    (meta device): the CLI calls it before any data is decoded."""
+    with torch.device("meta"):
+        build_model(cfg)
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -114,3 +114,13 @@ def test_bad_config_value_exits_nonzero(kaggle_tree, capsys):
     assert main(["data", "--data", str(kaggle_tree["root"]), "--image-size", "30"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: data.image_size=30 is invalid")
+
+
+@pytest.mark.parametrize("bad", ["data.image_size=48", "model.attention_resolutions=7"])
+def test_an_impossible_model_fails_before_any_data_is_decoded(kaggle_tree, tmp_path, monkeypatch, capsys, bad):
+    monkeypatch.setenv("SPATIALVAE_CACHE", str(tmp_path / "cache"))
+    code = main(["train", "--preset", "smoke", "--data", str(kaggle_tree["root"]), "--out", str(tmp_path / "runs"),
+                 "--set", bad, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and bad.split("=")[0] in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()  # nothing decoded, nothing made
