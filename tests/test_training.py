@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from spatialvae.config import get_preset
 from spatialvae.engine import seed_everything
-from spatialvae.errors import CheckpointError
+from spatialvae.errors import CheckpointError, SpatialVAEError
 from spatialvae.losses import build_loss
 from spatialvae.model import build_model
 from spatialvae.runs import atomic_torch_save, create_run_dir, load_checkpoint, read_history_csv
@@ -160,7 +160,7 @@ def test_atomic_write_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monk
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(SpatialVAEError, match="cannot write .*last.pt \\(OSError: disk full\\)"):
         atomic_torch_save({"a": torch.zeros(3)}, path)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
