@@ -89,13 +89,13 @@ def run_on_main(fn: Callable[[], Any]) -> Any:
 
 def peer_failure(e: BaseException) -> Optional[str]:
     """One line for a collective that broke because another process died (``None``: not that)."""
-    if dist_info()[1] == 1 or not isinstance(e, RuntimeError):
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(e, RuntimeError):  # the group may be gone
         return None
     text = str(e)
     if not any(k in text for k in ("Connection closed by peer", "Connection reset", "NCCL", "Broken pipe",
                                    "DistBackendError", "timed out")):
         return None
-    return (f"rank {dist_info()[0]} stops: another process of this torchrun job failed ({short_reason(e)}); "
+    return (f"rank {os.environ.get('RANK', '?')} stops: another process of this torchrun job failed ({short_reason(e)}); "
             "torchrun's summary below names it, and its own message is above")
 
 

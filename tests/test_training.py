@@ -358,6 +358,7 @@ def test_a_killed_torchrun_run_resumes_to_the_weights_of_an_unbroken_one(kaggle_
     assert victim is not None and broken.poll() is None, "the run ended before rank 1 could be killed"
     os.kill(victim, signal.SIGKILL)  # at any moment of epochs 3..30
     assert broken.wait(timeout=60) != 0
+    assert "[rank0]: Traceback" not in broken.stderr.read()  # rank 0 stops in one line (or by torchrun's signal)
     stopped_at = _checkpoint_epoch(last)
     assert 2 <= stopped_at < 30
     resumed = _torchrun_train(root, tmp_path / "unused", "--resume", str(tmp_path / "broken" / "000-ddp"))
