@@ -242,8 +242,8 @@ def _warn_missing_classes(labels, rank: int) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    """Samples from a run's checkpoint as one PNG grid: GMM on the training latents by default,
-    the learned prior, per class with --label."""
+    """Samples from a run's checkpoint as one PNG grid: the run's learned prior by default (a GMM on
+    the training latents when it has none), per class with --label; the last line names the sampler."""
 
     import torch
 
