@@ -88,6 +88,9 @@ class StandardNormalSampler:
         return {"kind": "N(0, I)"}
 
 
+PriorSampler = StandardNormalSampler  # its old name, kept so existing notebooks still import it
+
+
 class GaussianSampler:
     """One Gaussian with full covariance over the flattened latent, fitted to posterior means.
 
