@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import __version__
 from .config import PRESETS, Config, DataConfig, get_preset
@@ -27,7 +27,7 @@ from .variants import VARIANT_NAMES, ablation_base
 MAX_GRID = 4096  # images in one `sample` PNG: 64 x 64 tiles; more is unreadable and may not fit in memory
 
 
-def count(lo: int, hi: Optional[int] = None, unit: str = "") -> "callable":
+def count(lo: int, hi: Optional[int] = None, unit: str = "") -> Callable[[str], int]:
     """An argparse type: a whole number in [lo, hi]."""
     def parse(text: str) -> int:
         try:

@@ -56,35 +56,51 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _tell_others(failure: Optional[str], value: Any = None) -> None:
+    """Rank 0: one broadcast carrying either its failure or its result."""
+    broadcast((failure, value))
+
+
+def _hear_from_main() -> Any:
+    """The other ranks: rank 0's result, or `PeerFailedError` if it failed."""
+    failure, value = broadcast(None)
+    if failure is not None:
+        raise PeerFailedError(f"rank {dist_info()[0]} stops: rank 0 failed first ({failure}); its message is above")
+    return value
+
+
 @contextmanager
 def main_first():
     """Rank 0 runs the block first (e.g. decodes and writes the cache); the others then run it.
     If rank 0 fails in it, the others stop at once with `PeerFailedError` instead of waiting."""
     if dist_info()[1] == 1:
         yield
-        return
-    if is_main():
+    elif is_main():
         try:
             yield
         except BaseException as e:
-            broadcast(short_reason(e))
+            _tell_others(short_reason(e))
             raise
-        broadcast(None)
+        _tell_others(None)
     else:
-        failure = broadcast(None)
-        if failure is not None:
-            raise PeerFailedError(f"rank {dist_info()[0]} stops: rank 0 failed first ({failure}); its message is above")
+        _hear_from_main()
         yield
 
 
 def run_on_main(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on rank 0, its result on every rank; if it raises there, the others raise
-    `PeerFailedError` at once instead of waiting for a result that never comes."""
+    """``fn()`` on rank 0, its result on every rank in one broadcast; if it raises there, the others
+    raise `PeerFailedError` at once instead of waiting for a result that never comes."""
     if dist_info()[1] == 1:
         return fn()
-    with main_first():
-        value = fn() if is_main() else None
-    return broadcast(value)
+    if not is_main():
+        return _hear_from_main()
+    try:
+        value = fn()
+    except BaseException as e:
+        _tell_others(short_reason(e))
+        raise
+    _tell_others(None, value)
+    return value
 
 
 def peer_failure(e: BaseException) -> Optional[str]:
