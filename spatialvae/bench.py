@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,15 +35,13 @@ from typing import Optional, Sequence
 
 import cv2
 import torch
-import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from . import data as D
 from .config import Config, DataConfig, get_preset
 from .engine import autocast_context, default_device, train_step
 from .errors import SpatialVAEError, short_reason
 from .losses import build_loss
-from .model import AttentionBlock, build_model, count_parameters
+from .model import build_model, count_parameters
 from .runs import read_history_csv
 from .training import final_beta
 
@@ -197,6 +194,10 @@ def _timed_steps(step, repeats: int, sync) -> tuple[list, float, bool, float]:
             times.append(time.perf_counter() - t0)
             finite &= math.isfinite(last_loss)
     return times, last_loss, finite, rss.peak
+
+
+def _sync(dev: torch.device):
+    return torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
 
 def _run_in_child(args: dict, timeout: float) -> dict:
@@ -364,8 +365,6 @@ def run_bench(data_root=None, preset: str = "seed", image_size: int = 128, batch
     out["models"] = [count_flops(p, size) for p, size in (("seed", 128), ("quick", 64), ("original", 128))]
     out["flops"] = next((m for m in out["models"] if (m["preset"], m["image_size"]) == (preset, image_size)),
                         None) or count_flops(preset, image_size)  # the timed model's, counted once
-    _say(progress, "attention: old vs new q/k/v layout, interleaved ...")
-    out["attention"] = bench_attention(batch=batch, step_preset=preset, step_image_size=image_size, step_batch=batch)
     rows = []
     for perc in perceptual:
         base = None
@@ -477,177 +476,12 @@ def _floors(run_dirs: list) -> dict:
     return {}
 
 
-# ---- attention q/k/v layout (issue 14) -----------------------------------------------------------
-
-ATTENTION_ROUNDS, ATTENTION_STEP_ROUNDS = 15, 7  # interleaved old/new pairs: block alone, whole model
-
-
-def attention_old_layout(block, x):
-    """`AttentionBlock.forward` as it was before issue 14, from the same block's weights (kept here
-    only, to time against): q, k and v permuted straight out of the conv output, so on an NCHW input
-    HW (not head_dim) is their unit-stride axis and SDPA takes the unfused math path."""
-    b, c, h, w = x.shape
-    qkv = block.qkv(block.norm(x))  # (B, 3C, H, W)
-    qkv = qkv.reshape(b, 3, block.heads, c // block.heads, h * w)  # (B, 3, heads, d, HW)
-    q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)  # each (B, heads, HW, d)
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
-    out = out.transpose(2, 3).reshape(b, c, h, w)  # heads back into channels: (B, C, H, W)
-    return x + block.proj(out)
-
-
-def _sdpa_kernels(fn) -> str:
-    """The SDPA implementation(s) that ran in fn, from the profiler: "flash_attention_for_cpu" is
-    the fused CPU kernel, "attention_math" the unfused one (bmm + softmax)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    prefix = "aten::_scaled_dot_product_"
-    return "+".join(sorted({e.name[len(prefix):] for e in prof.events()
-                            if e.name.startswith(prefix) and not e.name.endswith("_backward")})) or "none"
-
-
-def _interleaved(fns: dict, rounds: int, sync, min_sample: float = 0.025) -> dict:
-    """Median seconds per call of each callable, all timed once per round, the order reversed every
-    other round: load from other processes lands on every variant alike, so the ratio stays fair.
-    A sample repeats the call until it lasts about ``min_sample`` (one preempted call is then a small
-    part of it, not the whole of it)."""
-    def once(fn) -> float:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
-    calls = max(1, math.ceil(min_sample / max(min(once(fn) for fn in fns.values()), 1e-6)))
-    times: dict = {k: [] for k in fns}
-    for r in range(rounds):
-        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fns[k]()
-            sync()
-            times[k].append((time.perf_counter() - t0) / calls)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def bench_attention(batch: int = 32, presets: Sequence[str] = ("seed", "quick"), step_preset: Optional[str] = "quick",
-                    step_image_size: Optional[int] = None, step_batch: Optional[int] = None,
-                    rounds: int = ATTENTION_ROUNDS, step_rounds: int = ATTENTION_STEP_ROUNDS, seed: int = 0) -> dict:
-    """Old vs new q/k/v layout of the attention block, interleaved in this process (ratios old/new).
-
-    Per preset: one AttentionBlock at that model's attention side, width and heads, batch ``batch``,
-    NCHW (eager, evaluate, sample) and NHWC (`train.channels_last`), forward + backward and forward
-    alone; which SDPA kernel each layout ran; the largest output difference. Then one forward + loss +
-    backward of the whole ``step_preset`` model (at its own image size and batch unless given), NCHW,
-    with every attention block computed the old way or the new."""
-    dev = default_device()
-    gen = torch.Generator().manual_seed(seed)
-    rows = [row for preset in presets if get_preset(preset).model.attention_resolutions
-            for row in _attention_block_rows(preset, batch, rounds, seed, gen, dev)]
-    res: dict = {"rows": rows, "rounds": rounds, "device": str(dev), "threads": torch.get_num_threads(),
-                 "what": "median seconds over interleaved rounds (old, new / new, old ...) in one process; "
-                         "ratio = old / new (above 1: the new layout is faster)"}
-    if step_preset:
-        res["model_step"] = _attention_model_step(step_preset, step_image_size, step_batch, step_rounds, seed, gen, dev)
-    return res
-
-
-def _sync(dev: torch.device):
-    return torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-
-
-def _attention_block_rows(preset: str, batch: int, rounds: int, seed: int, gen, dev) -> list[dict]:
-    """One preset's attention block, old vs new layout, in NCHW and NHWC -> two rows."""
-    cfg = get_preset(preset)
-    torch.manual_seed(seed)
-    ref = next(m for m in build_model(cfg).modules() if isinstance(m, AttentionBlock))  # the encoder's
-    side = cfg.model.attention_resolutions[0]
-    block = AttentionBlock(ref.ch, ref.heads, cfg.model.norm_groups).to(dev)  # non-zero proj: outputs compare
-    x0 = torch.randn(batch, ref.ch, side, side, generator=gen).to(dev)
-    rows = []
-    for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
-        block = block.to(memory_format=fmt)
-        x = x0.contiguous(memory_format=fmt).requires_grad_()
-        layouts = {"old": lambda t: attention_old_layout(block, t), "new": block}
-
-        def train(fn):
-            def go():
-                x.grad = None
-                block.zero_grad(set_to_none=True)
-                fn(x).sum().backward()
-            return go
-
-        def infer(fn):
-            def go():
-                with torch.no_grad():
-                    fn(x)
-            return go
-
-        with torch.no_grad():
-            diff = (layouts["old"](x) - layouts["new"](x)).abs().max().item()
-        kernels = {k: _sdpa_kernels(train(fn)) for k, fn in layouts.items()}  # also the warm-up
-        fb = _interleaved({k: train(fn) for k, fn in layouts.items()}, rounds, _sync(dev))
-        fw = _interleaved({k: infer(fn) for k, fn in layouts.items()}, rounds, _sync(dev))
-        rows.append({"preset": preset, "side": side, "channels": ref.ch, "heads": ref.heads, "batch": batch,
-                     "memory_format": fmt_name, "kernel_old": kernels["old"], "kernel_new": kernels["new"],
-                     "max_abs_diff": diff,
-                     "fwd_bwd_seconds_old": round(fb["old"], 5), "fwd_bwd_seconds_new": round(fb["new"], 5),
-                     "fwd_bwd_ratio": round(fb["old"] / fb["new"], 3),
-                     "forward_seconds_old": round(fw["old"], 5), "forward_seconds_new": round(fw["new"], 5),
-                     "forward_ratio": round(fw["old"] / fw["new"], 3)})
-    return rows
-
-
-def _attention_model_step(preset: str, image_size: Optional[int], batch: Optional[int], rounds: int, seed: int,
-                          gen, dev) -> dict:
-    """One forward + loss + backward of the whole model, NCHW, every attention block old vs new."""
-    cfg = get_preset(preset).with_overrides({"loss.perceptual_weight": 0.0})
-    size, n = image_size or cfg.data.image_size, batch or cfg.data.batch_size
-    cfg = cfg.with_overrides({"data.image_size": size})
-    torch.manual_seed(seed)
-    model, loss_fn = build_model(cfg).to(dev), build_loss(cfg).to(dev)
-    images = torch.rand(n, 1, size, size, generator=gen).to(dev)
-    blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
-    losses = {}
-
-    def step(layout):
-        def go():
-            for m in blocks:  # an instance attribute shadows the class's forward; deleting it restores it
-                if layout == "old":
-                    m.forward = types.MethodType(attention_old_layout, m)
-                else:
-                    m.__dict__.pop("forward", None)
-            torch.manual_seed(seed)  # the same posterior sample for both layouts
-            model.zero_grad(set_to_none=True)
-            recon, mu, logvar = model(images)
-            loss = loss_fn(recon, images, mu, logvar, 1e-3)[0]
-            loss.backward()
-            losses[layout] = loss.item()
-        return go
-
-    for layout in ("old", "new"):
-        step(layout)()  # warm-up
-    t = _interleaved({k: step(k) for k in ("old", "new")}, rounds, _sync(dev))
-    step("new")()  # leaves the model as built
-    return {"preset": preset, "image_size": size, "batch": n, "memory_format": "NCHW",
-            "attention_blocks": len(blocks), "rounds": rounds,
-            "what": "forward + loss (no perceptual term) + backward, no optimizer step",
-            "seconds_old": round(t["old"], 4), "seconds_new": round(t["new"], 4), "ratio": round(t["old"] / t["new"], 3),
-            "loss_rel_diff": abs(losses["old"] - losses["new"]) / max(abs(losses["old"]), 1e-12)}
-
-
 def machine() -> dict:
     """What the figures were measured on."""
     cuda = torch.cuda.is_available()
     return {"python": platform.python_version(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "cuda": torch.cuda.get_device_name(0) if cuda else None}
-
-
-def attention_only(batch: int = 32, progress: bool = True) -> dict:
-    """`bench --only attention`: the machine and `bench_attention`, nothing else (~15 s on 2 idle cores)."""
-    _say(progress, "attention: old vs new q/k/v layout, interleaved ...")
-    return {"machine": machine(), "attention": bench_attention(batch=batch)}
 
 
 if __name__ == "__main__":  # the child process of _run_in_child

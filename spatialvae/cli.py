@@ -396,7 +396,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Data and training-step speed on this machine -> a table on stdout and JSON in --out."""
 
-    from .bench import attention_only, run_bench
+    from .bench import run_bench
     from .report import bench_table
     from .runs import atomic_write_bytes
 
@@ -406,13 +406,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     perceptual = {"both": (False, True), "off": (False,), "on": (True,)}[args.perceptual]
     if args.repeats < 1 or args.batch < 1:
         raise ConfigError(f"--repeats {args.repeats} and --batch {args.batch} must both be at least 1")
-    if args.only == "attention":  # issue 14's q/k/v layouts alone (~15 s): no data, no child processes
-        res = attention_only(batch=args.batch, progress=not args.quiet)
-        args.out = str(Path(args.out).with_name("bench_attention.json")) if args.out == "runs/bench.json" else args.out
-    else:
-        res = run_bench(args.data, preset=args.preset, image_size=args.image_size, batch=args.batch,
-                        repeats=args.repeats, settings=settings, perceptual=perceptual, kaggle_n=args.kaggle_n,
-                        skip_data=args.skip_data, progress=not args.quiet)
+    res = run_bench(args.data, preset=args.preset, image_size=args.image_size, batch=args.batch,
+                    repeats=args.repeats, settings=settings, perceptual=perceptual, kaggle_n=args.kaggle_n,
+                    skip_data=args.skip_data, progress=not args.quiet)
     print(bench_table(res))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -572,9 +568,6 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--curve", metavar="RUN_DIR", nargs="+", default=None,
                    help="instead of timing: time-to-quality curves (test PSNR/SSIM vs minutes) of runs trained "
                         "with `train --monitor-test`; writes time_to_quality.{png,md,json} beside --out")
-    p.add_argument("--only", choices=("attention",), default=None,
-                   help="attention: only the attention block's old vs new q/k/v layout (issue 14), at --batch; "
-                        "writes bench_attention.json beside --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
 

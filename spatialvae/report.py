@@ -143,8 +143,6 @@ def bench_table(res: dict) -> str:
     lines = []
     m = res["machine"]
     lines.append(f"torch {m['torch']}, {m['cpus']} CPUs{', ' + m['cuda'] if m['cuda'] else ', no CUDA'}")
-    if "step" not in res:  # `bench --only attention`
-        return "\n".join(lines + ["", attention_table(res["attention"])])
     if "data" in res:
         d = res["data"]
         k = d["kaggle_size_preprocess"]
@@ -186,8 +184,6 @@ def bench_table(res: dict) -> str:
     t4 = res["t4_projection"]
     lines += [f"T4 projection of the {t4['epochs']}-epoch schedule ({t4['total_pflop']} PFLOP, FLOPs only): "
               + ", ".join(f"{h} h at {k}" for k, h in t4["hours"].items())]
-    if "attention" in res:
-        lines += ["", attention_table(res["attention"])]
     return "\n".join(lines)
 
 
@@ -202,27 +198,6 @@ def time_to_quality_table(res: dict) -> str:
         reach = " | ".join("never" if v is None else f"{v:.1f}" for v in r["minutes_to_db"].values())
         lines.append(f"| {r['run']} | {r['epochs']} | {r['minutes']:.1f} | {p1} | {r['final_psnr']:.2f} | "
                      f"{r['final_ssim']:.3f} | {reach} |")
-    return "\n".join(lines)
-
-
-def attention_table(att: dict) -> str:
-    lines = [f"| attention block, q/k/v layout ({att['device']}, {att['threads']} threads) | format | "
-             "SDPA old -> new | fwd+bwd s old | new | old/new | forward s old | new | old/new | max diff |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in att["rows"]:
-        lines.append(f"| {r['preset']}: {r['side']}x{r['side']}, {r['channels']} ch, {r['heads']} head(s), "
-                     f"batch {r['batch']} | {r['memory_format']} | {r['kernel_old']} -> {r['kernel_new']} | "
-                     f"{r['fwd_bwd_seconds_old']:.4f} | {r['fwd_bwd_seconds_new']:.4f} | {r['fwd_bwd_ratio']:.2f}x | "
-                     f"{r['forward_seconds_old']:.4f} | {r['forward_seconds_new']:.4f} | {r['forward_ratio']:.2f}x | "
-                     f"{r['max_abs_diff']:.1e} |")
-    s = att.get("model_step")
-    if s:
-        lines.append(f"whole {s['preset']} model, forward + loss + backward, batch {s['batch']} at "
-                     f"{s['image_size']} px, {s['memory_format']}: {s['seconds_old']:.3f} s old, "
-                     f"{s['seconds_new']:.3f} s new, {s['ratio']:.2f}x (losses differ by {s['loss_rel_diff']:.1e})")
-    rounds = f"{att['rounds']}" + (f" (whole model: {s['rounds']})" if s else "")
-    lines.append(f"medians of {rounds} interleaved rounds in one process (old/new above 1: the fix is faster); "
-                 "where old and new run the same kernel (NHWC), old/new is the noise floor")
     return "\n".join(lines)
 
 
