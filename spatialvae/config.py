@@ -19,6 +19,19 @@ from typing import Any, Optional, Tuple
 
 from .errors import ConfigError
 
+# Each field's allowed values live here, once; the model and the loss validate their config with them.
+ARCHITECTURES = ("spatial", "original")
+UPSAMPLE_MODES = ("bilinear", "transposed")
+SHORTCUTS = ("space", "conv")
+DECODER_SKIPS = ("latent", "last")
+RECONS = ("l1", "mse")
+REDUCTIONS = ("mean", "sum")  # loss.pixel_reduction and loss.kl_reduction
+# The recipe read literally where this package's defaults depart from it (README, Configuration):
+# learned 1x1-conv skips from a random start, PyTorch's logvar init, and beta times the KL summed
+# over the latent values. The `*-literal` presets, the ablation's `literal` variant and checkpoints
+# written before format 2 (spatialvae.runs) all use exactly these.
+LITERAL_SETTINGS = {"model.shortcut": "conv", "model.logvar_init": None, "loss.kl_reduction": "sum"}
+
 
 @dataclass
 class DataConfig:
@@ -61,6 +74,23 @@ class ModelConfig:
     decoder_skip: str = "latent"  # latent | last (see above)
     logvar_init: Optional[float] = -8.0  # bias of the logvar head (sigma 0.018): an autoencoder from step 1; None = PyTorch's init
 
+    def validate(self) -> "ModelConfig":
+        """Each field on its own (what needs the image size is checked by `spatialvae.model`)."""
+        _check(self.architecture in ARCHITECTURES, "model.architecture", self.architecture, "spatial or original")
+        _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "at least 1")
+        _check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), "model.channels", self.channels,
+               "a non-empty list of positive widths, stem first, e.g. [32, 64, 128, 256, 512]")
+        _check(self.latent_channels >= 1, "model.latent_channels", self.latent_channels, "at least 1")
+        _check(self.latent_size >= 1, "model.latent_size", self.latent_size, "at least 1")
+        _check(self.attention_heads >= 1, "model.attention_heads", self.attention_heads, "at least 1")
+        _check(self.norm_groups >= 1, "model.norm_groups", self.norm_groups, "at least 1 (the recipe uses 8)")
+        _check(self.flat_latent_dim >= 1, "model.flat_latent_dim", self.flat_latent_dim, "at least 1")
+        _check(self.upsample in UPSAMPLE_MODES, "model.upsample", self.upsample, "bilinear or transposed")
+        _check(self.shortcut in SHORTCUTS, "model.shortcut", self.shortcut, "space (DC-AE skips) or conv (literal)")
+        _check(self.decoder_skip in DECODER_SKIPS, "model.decoder_skip", self.decoder_skip,
+               "latent (bicubic from the latent's side) or last (from the last feature map)")
+        return self
+
 
 @dataclass
 class LossConfig:
@@ -78,6 +108,20 @@ class LossConfig:
     # sum (the literal ELBO KL, seed-literal): beta 1e-3 x ~3,000 nats outweighs L1 by 10x at the
     # phase boundary and collapses the latent to a template chest (README, Results).
     kl_reduction: str = "mean"  # mean (per latent value: low beta is low) | sum (the literal ELBO KL), see above
+
+    def validate(self) -> "LossConfig":
+        _check(self.recon in RECONS, "loss.recon", self.recon, "l1 or mse")
+        _check(self.pixel_reduction in REDUCTIONS, "loss.pixel_reduction", self.pixel_reduction, "mean or sum")
+        for name in ("recon_weight", "perceptual_weight", "ssim_weight"):
+            _check(getattr(self, name) >= 0, f"loss.{name}", getattr(self, name), "0 or more")
+        _check(all(i >= 0 for i in self.perceptual_layers), "loss.perceptual_layers", self.perceptual_layers,
+               "indices into torchvision vgg16().features (the recipe uses 3, 8, 15)")
+        _check(bool(self.vgg_weights), "loss.vgg_weights", self.vgg_weights,
+               "imagenet, random, or a path to a .pth file")
+        _check(self.ssim_window >= 3 and self.ssim_window % 2 == 1, "loss.ssim_window", self.ssim_window,
+               "an odd window of at least 3 (pytorch-msssim uses 11)")
+        _check(self.kl_reduction in REDUCTIONS, "loss.kl_reduction", self.kl_reduction, "sum or mean")
+        return self
 
 
 @dataclass
@@ -218,30 +262,8 @@ class Config:
         _check(d.preprocess_workers is None or d.preprocess_workers >= 1, "data.preprocess_workers",
                d.preprocess_workers, "null (all cores) or at least 1")
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
-        _check(m.architecture in ("spatial", "original"), "model.architecture", m.architecture,
-               "spatial or original")
-        _check(m.in_channels >= 1, "model.in_channels", m.in_channels, "at least 1")
-        _check(len(m.channels) >= 1 and all(c >= 1 for c in m.channels), "model.channels", m.channels,
-               "a non-empty list of positive widths")
-        _check(m.latent_channels >= 1, "model.latent_channels", m.latent_channels, "at least 1")
-        _check(m.latent_size >= 1, "model.latent_size", m.latent_size, "at least 1")
-        _check(m.attention_heads >= 1, "model.attention_heads", m.attention_heads, "at least 1")
-        _check(m.norm_groups >= 1, "model.norm_groups", m.norm_groups, "at least 1")
-        _check(m.flat_latent_dim >= 1, "model.flat_latent_dim", m.flat_latent_dim, "at least 1")
-        _check(m.upsample in ("bilinear", "transposed"), "model.upsample", m.upsample, "bilinear or transposed")
-        _check(m.shortcut in ("space", "conv"), "model.shortcut", m.shortcut, "space (DC-AE skips) or conv (literal)")
-        _check(m.decoder_skip in ("latent", "last"), "model.decoder_skip", m.decoder_skip,
-               "latent (bicubic from the latent's side) or last (from the last feature map)")
-        _check(lo.recon in ("l1", "mse"), "loss.recon", lo.recon, "l1 or mse")
-        _check(lo.pixel_reduction in ("mean", "sum"), "loss.pixel_reduction", lo.pixel_reduction, "mean or sum")
-        for name in ("recon_weight", "perceptual_weight", "ssim_weight"):
-            _check(getattr(lo, name) >= 0, f"loss.{name}", getattr(lo, name), "0 or more")
-        _check(all(i >= 0 for i in lo.perceptual_layers), "loss.perceptual_layers", lo.perceptual_layers,
-               "indices into torchvision vgg16().features (the recipe uses 3, 8, 15)")
-        _check(bool(lo.vgg_weights), "loss.vgg_weights", lo.vgg_weights, "imagenet, random, or a path to a .pth file")
-        _check(lo.ssim_window >= 3 and lo.ssim_window % 2 == 1, "loss.ssim_window", lo.ssim_window,
-               "an odd window of at least 3 (pytorch-msssim uses 11)")
-        _check(lo.kl_reduction in ("sum", "mean"), "loss.kl_reduction", lo.kl_reduction, "sum or mean")
+        m.validate()
+        lo.validate()
         for pname in ("phase1", "phase2"):
             p: PhaseConfig = getattr(t, pname)
             _check(p.epochs >= 0, f"train.{pname}.epochs", p.epochs, "0 (skip the phase) or more")
@@ -330,12 +352,10 @@ def _quick128() -> Config:
 
 
 def _literal(cfg: Config) -> Config:
-    # The recipe read literally: 1x1-conv skips from a random start, PyTorch's logvar init, and beta
-    # multiplying the KL summed over the 1,024 latent values (see LossConfig.kl_reduction).
+    # The recipe read literally (LITERAL_SETTINGS; see LossConfig.kl_reduction).
     cfg.preset += "-literal"
-    cfg.model.shortcut = "conv"
-    cfg.model.logvar_init = None
-    cfg.loss.kl_reduction = "sum"
+    for key, value in LITERAL_SETTINGS.items():
+        _set_path(cfg, key, value)
     return cfg
 
 

@@ -83,7 +83,6 @@ def _finite(t: torch.Tensor) -> bool:
 class StepResult:
     total: torch.Tensor  # the back-propagated loss (detached)
     parts: Dict[str, torch.Tensor]  # unweighted loss parts (see losses.VAELoss)
-    grad_norm: Optional[torch.Tensor]  # before clipping; None when the step was skipped before backward
     skipped: Optional[str] = None  # why no update was made, or None
 
 
@@ -97,14 +96,14 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
         recon, mu, logvar = model(x)
         total, parts = loss_fn(recon, x, mu, logvar, beta)
     if not all_finite(total):
-        return StepResult(total.detach(), parts, None, f"loss is {float(total.detach())}")
+        return StepResult(total.detach(), parts, f"loss is {float(total.detach())}")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip)
     if not scaler.is_enabled() and not all_finite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(total.detach(), parts, grad_norm, f"gradient norm is {float(grad_norm)}")
+        return StepResult(total.detach(), parts, f"gradient norm is {float(grad_norm)}")
     scaler.step(optimizer)  # fp16: skips the update itself when gradients overflowed
     scaler.update()
-    return StepResult(total.detach(), parts, grad_norm)
+    return StepResult(total.detach(), parts)

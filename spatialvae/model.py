@@ -33,9 +33,6 @@ from .errors import ConfigError
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
 
-UPSAMPLE_MODES = ("bilinear", "transposed")
-SHORTCUTS = ("space", "conv")
-
 
 def clamp_logvar(logvar: torch.Tensor) -> torch.Tensor:
     return logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
@@ -117,8 +114,6 @@ class ResBlock(nn.Module):
             if ch % groups:
                 raise ConfigError(f"ResBlock width {ch} is not divisible by model.norm_groups={groups}: "
                                   f"use widths that are multiples of {groups} or change model.norm_groups")
-        if shortcut not in SHORTCUTS + ("none",):
-            raise ConfigError(f"model.shortcut={shortcut!r} is invalid: expected one of {', '.join(SHORTCUTS)}")
         self.in_ch, self.out_ch, self.stride, self.shortcut = in_ch, out_ch, stride, shortcut
         self.norm1 = Normalize(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1)
@@ -160,7 +155,7 @@ class AttentionBlock(nn.Module):
     1/sqrt(head_dim) scaling); 16x16 = 256 tokens keeps the attention matrix small. The fused
     kernels need q, k and v with head_dim as the unit-stride axis: the 1x1 convs run on an NHWC
     (channels_last) tensor so that their output is laid out that way (NCHW would leave HW there and
-    send SDPA down the unfused math path: bench --only attention times both).
+    send SDPA down the unfused math path; tests/test_attention.py checks which kernel runs).
     """
 
     def __init__(self, ch: int, heads: int = 1, groups: int = 8, zero_init: bool = False):
@@ -195,8 +190,6 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int, mode: str = "bilinear"):
         super().__init__()
-        if mode not in UPSAMPLE_MODES:
-            raise ConfigError(f"model.upsample={mode!r} is invalid: expected one of {', '.join(UPSAMPLE_MODES)}")
         self.mode = mode
         self.up = nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1) if mode == "transposed" else None
 
@@ -226,9 +219,10 @@ class UpBlock(nn.Module):
 def stage_plan(cfg: ModelConfig, image_size: int) -> Tuple[list, list]:
     """Widths and output sides of the encoder stages, stem first.
 
-    Seed at 128 px: widths [32, 64, 128, 256, 512], sides [64, 32, 16, 8, 4].
-    Raises ConfigError when image_size is not latent_size * 2^k (k >= 1) or widths are empty.
+    Seed at 128 px: widths [32, 64, 128, 256, 512], sides [64, 32, 16, 8, 4]. Raises ConfigError
+    for an invalid field (`ModelConfig.validate`) or when image_size is not latent_size * 2^k (k >= 1).
     """
+    cfg.validate()
     ls = cfg.latent_size
     if ls < 1 or image_size < 2:
         raise ConfigError(f"model.latent_size={ls} with data.image_size={image_size}: both must be positive "
@@ -241,9 +235,6 @@ def stage_plan(cfg: ModelConfig, image_size: int) -> Tuple[list, list]:
             f"the image side must be latent_size * 2^k with k >= 1 (for latent_size {ls}: "
             f"{', '.join(map(str, fits))}); change data.image_size or model.latent_size")
     n_down = ratio.bit_length() - 1
-    if not cfg.channels or any(c < 1 for c in cfg.channels):
-        raise ConfigError(f"model.channels={tuple(cfg.channels)!r} is invalid: expected positive widths, "
-                          "stem first, e.g. [32, 64, 128, 256, 512]")
     widths = [int(cfg.channels[min(i, len(cfg.channels) - 1)]) for i in range(n_down)]
     sides = [image_size >> (i + 1) for i in range(n_down)]
     return widths, sides
@@ -251,12 +242,7 @@ def stage_plan(cfg: ModelConfig, image_size: int) -> Tuple[list, list]:
 
 def _validate_spatial(cfg: ModelConfig, image_size: int) -> Tuple[list, list]:
     widths, sides = stage_plan(cfg, image_size)
-    if cfg.in_channels < 1 or cfg.latent_channels < 1:
-        raise ConfigError(f"model.in_channels={cfg.in_channels} and model.latent_channels={cfg.latent_channels} "
-                          "must both be at least 1")
     g = cfg.norm_groups
-    if g < 1:
-        raise ConfigError(f"model.norm_groups={g} is invalid: expected at least 1 (the recipe uses 8)")
     bad = sorted({w for w in widths if w % g})
     if bad:
         raise ConfigError(f"model.channels width(s) {bad} not divisible by model.norm_groups={g} "
@@ -272,13 +258,8 @@ def _validate_spatial(cfg: ModelConfig, image_size: int) -> Tuple[list, list]:
         if s in cfg.attention_resolutions and (h < 1 or w % h):
             raise ConfigError(f"model.attention_heads={h} does not divide the width {w} at the {s}x{s} "
                               f"attention: use a head count dividing {w} (the recipe uses 1)")
-    if cfg.shortcut not in SHORTCUTS:
-        raise ConfigError(f"model.shortcut={cfg.shortcut!r} is invalid: expected one of {', '.join(SHORTCUTS)}")
     if cfg.shortcut == "space":
         _check_shortcut_widths(widths, cfg.in_channels, cfg.latent_channels)
-    up = getattr(cfg, "upsample", "bilinear")
-    if up not in UPSAMPLE_MODES:
-        raise ConfigError(f"model.upsample={up!r} is invalid: expected one of {', '.join(UPSAMPLE_MODES)}")
     return widths, sides
 
 
@@ -487,7 +468,7 @@ class SpatialVAE(_VAEBase):
         super().__init__()
         widths, sides = _validate_spatial(model_cfg, image_size)
         self.image_size = image_size
-        self.widths, self.sides = widths, sides
+        self.widths = widths
         self._latent_shape = (model_cfg.latent_channels, model_cfg.latent_size, model_cfg.latent_size)
         common = dict(widths=widths, latent_channels=model_cfg.latent_channels, image_size=image_size,
                       attention_resolutions=tuple(model_cfg.attention_resolutions),
@@ -514,9 +495,6 @@ class OriginalVAE(_VAEBase):
     def __init__(self, model_cfg: ModelConfig, image_size: int):
         super().__init__()
         widths, _ = stage_plan(model_cfg, image_size)
-        if model_cfg.flat_latent_dim < 1 or model_cfg.in_channels < 1:
-            raise ConfigError(f"model.flat_latent_dim={model_cfg.flat_latent_dim} and model.in_channels="
-                              f"{model_cfg.in_channels} must both be at least 1")
         self.image_size = image_size
         self.widths = widths
         ls, d = model_cfg.latent_size, model_cfg.flat_latent_dim
@@ -551,15 +529,12 @@ class OriginalVAE(_VAEBase):
         return self.decoder(h)  # (B, 1, 128, 128)
 
 
-ARCHITECTURES = {"spatial": SpatialVAE, "original": OriginalVAE}
+MODELS = {"spatial": SpatialVAE, "original": OriginalVAE}  # by model.architecture
 
 
 def build_model(cfg: Config) -> nn.Module:
     """The model named by cfg.model.architecture, for images of cfg.data.image_size."""
-    arch = cfg.model.architecture
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"model.architecture={arch!r} is invalid: expected one of {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](cfg.model, cfg.data.image_size)
+    return MODELS[cfg.model.validate().architecture](cfg.model, cfg.data.image_size)
 
 
 def check_buildable(cfg: Config) -> None:

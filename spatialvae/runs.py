@@ -22,15 +22,26 @@ from typing import BinaryIO, Callable, Optional
 
 import torch
 
-from .config import Config
+from .config import LITERAL_SETTINGS, Config
 from .errors import CheckpointError, SpatialVAEError, short_reason
 from .model import build_model
 
-# 2: model.shortcut, model.logvar_init and kl_reduction=mean became the defaults; 3: model.decoder_skip
+# 2: the departures from the literal recipe became the defaults; 3: model.decoder_skip
 CHECKPOINT_VERSION = 3
-# Keys an older checkpoint's config lacks, with the values it was trained with, by the version that added them.
-_OLD_DEFAULTS = {2: {"model": {"shortcut": "conv", "logvar_init": None}, "loss": {"kl_reduction": "sum"}},
-                 3: {"model": {"decoder_skip": "last"}}}
+
+
+def _nested(dotted: dict) -> dict:
+    """{"model.shortcut": "conv"} -> {"model": {"shortcut": "conv"}}."""
+    out: dict = {}
+    for key, value in dotted.items():
+        section, name = key.split(".")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+# Keys an older checkpoint's config lacks, with the values it was trained with, by the version that
+# added them: before 2 the defaults were the literal recipe's.
+_OLD_DEFAULTS = {2: _nested(LITERAL_SETTINGS), 3: {"model": {"decoder_skip": "last"}}}
 
 
 # ---- atomic files ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from .config import Config, LossConfig, PhaseConfig, get_preset
+from .config import LITERAL_SETTINGS, Config, LossConfig, PhaseConfig, get_preset
 from .errors import ConfigError
 
 
@@ -61,11 +61,11 @@ def _original(cfg: Config) -> None:
 VARIANTS: tuple[Variant, ...] = (
     Variant("recipe", "the recipe with this package's defaults (DC-AE skips, per-value KL)", lambda cfg: None),
     Variant("literal", "the recipe read literally: 1x1-conv skips from a random start, PyTorch's logvar init, "
-                       "beta x summed KL", _set({"model.shortcut": "conv", "model.logvar_init": None,
-                                                 "loss.kl_reduction": "sum"})),
+                       "beta x summed KL", _set(LITERAL_SETTINGS)),
     Variant("conv_skips", "learned 1x1-conv skips from a random start, PyTorch's logvar init",
-            _set({"model.shortcut": "conv", "model.logvar_init": None})),
-    Variant("kl_sum", "beta x the KL summed over the 1,024 latent values", _set({"loss.kl_reduction": "sum"})),
+            _set({k: v for k, v in LITERAL_SETTINGS.items() if k.startswith("model.")})),
+    Variant("kl_sum", "beta x the KL summed over the 1,024 latent values",
+            _set({k: v for k, v in LITERAL_SETTINGS.items() if k.startswith("loss.")})),
     Variant("original", "flat 256-d latent, BatchNorm + LeakyReLU, transposed convs, no attention, "
                         "MSE (sum) + 0.5 KL, one phase", _original),
     Variant("no_perceptual", "no VGG perceptual term", _set({"loss.perceptual_weight": 0.0})),

@@ -3,6 +3,7 @@ the state dict, never downloaded in tests, clear WeightsError), SSIM on tiny ima
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -49,10 +50,9 @@ def test_kl_matches_closed_form_by_hand():
     mu = torch.tensor([[1.0, 0.0], [2.0, 0.0]]).view(2, 2, 1, 1)
     logvar = torch.tensor([[0.0, math.log(2.0)], [0.0, 0.0]]).view(2, 2, 1, 1)
     # image 0: 0.5 * 1 + 0.5 * (2 - 1 - ln 2) = 0.5 + 0.1534264 = 0.6534264; image 1: 0.5 * 4 = 2
-    per_value = [0.5, 0.5 * (1.0 - math.log(2.0)), 2.0, 0.0]
-    assert kl_divergence(mu, logvar).item() == pytest.approx((per_value[0] + per_value[1] + 2.0) / 2, rel=1e-6)
-    assert kl_divergence(mu, logvar, "sum").item() == pytest.approx(1.3267132, rel=1e-6)
-    assert kl_divergence(mu, logvar, "mean").item() == pytest.approx(sum(per_value) / 4, rel=1e-6)
+    assert kl_divergence(mu, logvar, "sum").item() == pytest.approx(1.3267132, rel=1e-6)  # (0.6534264 + 2) / 2
+    assert kl_divergence(mu, logvar, "mean").item() == pytest.approx(0.6633566, rel=1e-6)  # 2.6534264 / 4
+    assert kl_divergence(mu, logvar).item() == kl_divergence(mu, logvar, "mean").item()  # LossConfig's default
 
 
 def test_kl_sum_scales_with_latent_size_mean_does_not():
@@ -70,7 +70,7 @@ def test_kl_is_exactly_zero_at_the_prior():
 def test_kl_is_fp32_and_finite_for_low_precision_and_huge_logvar():
     mu = torch.zeros(2, 8, 2, 2, dtype=torch.float16)
     logvar = torch.full_like(mu, 1e4)  # exp would overflow without the clamp
-    kl = kl_divergence(mu, logvar)
+    kl = kl_divergence(mu, logvar, "sum")
     assert kl.dtype == torch.float32 and torch.isfinite(kl)
     assert kl.item() == pytest.approx(32 * 0.5 * (math.exp(20) - 1 - 20), rel=1e-3)  # clamped at 20
     assert torch.isfinite(kl_divergence(mu.float(), torch.full((2, 8, 2, 2), -1e4)))
@@ -79,9 +79,11 @@ def test_kl_is_fp32_and_finite_for_low_precision_and_huge_logvar():
     assert kl_auto.dtype == torch.float32
 
 
-def test_kl_rejects_unknown_reduction():
-    with pytest.raises(ConfigError, match="kl_reduction"):
-        kl_divergence(torch.zeros(1, 1), torch.zeros(1, 1), "batchmean")
+@pytest.mark.parametrize("field, value", [("kl_reduction", "batchmean"), ("recon", "l2"),
+                                          ("pixel_reduction", "none"), ("ssim_window", 4)])
+def test_the_loss_rejects_an_impossible_config(field, value):
+    with pytest.raises(ConfigError, match=f"loss.{field}="):
+        VAELoss(dataclasses.replace(LossConfig(perceptual_weight=0.0), **{field: value}))
 
 
 # ---- VAELoss ----------------------------------------------------------------------------------
