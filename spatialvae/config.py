@@ -158,7 +158,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max grad norm: attention + KL spikes otherwise blow up early steps
     seed: int = 0  # model init, shuffling and flips
     amp: bool = True  # fp16/bf16 autocast on CUDA only; CPU always runs fp32
-    channels_last: bool = True  # NHWC memory format: the fastest safe setting the bench measured (1.33x eager, CPU)
+    channels_last: bool = True  # NHWC: never slower in bench (1.00x eager on CPU without VGG, 1.14x with it)
     compile: bool = False  # torch.compile: slower start, faster steps on long GPU runs
     sample_every: int = 10  # epochs between sample/reconstruction grids
     n_samples: int = 64  # images per sample grid

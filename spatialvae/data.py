@@ -25,7 +25,6 @@ import json
 import os
 import random
 import re
-import time
 import warnings
 import zipfile
 from collections import Counter, defaultdict
@@ -361,7 +360,6 @@ class PreprocessedSplit:
     orig_modes: list[str]
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
     from_cache: bool = False
-    seconds: float = 0.0
 
 
 def default_cache_dir() -> Path:
@@ -429,11 +427,9 @@ def load_split(entries: Sequence[FileEntry], image_size: int, clahe_clip: float 
     if use_cache and key in _MEMO:
         return _MEMO[key]
     cache_path = Path(cache_dir or default_cache_dir()) / f"{desc}-{image_size}px-{key}.npz"
-    t0 = time.perf_counter()
     if use_cache:
         cached = _load_cache(cache_path, entries)
         if cached is not None:
-            cached.seconds = time.perf_counter() - t0
             _MEMO[key] = cached
             return cached
     jobs = [(e.path, image_size, clahe_clip, clahe_tiles) for e in entries]
@@ -445,7 +441,7 @@ def load_split(entries: Sequence[FileEntry], image_size: int, clahe_clip: float 
     split = PreprocessedSplit(
         images=images, labels=np.array([e.label for e, _ in ok], dtype=np.int64), paths=[e.path for e, _ in ok],
         patients=[e.patient for e, _ in ok], orig_sizes=np.array([r[1] for _, r in ok], dtype=np.int32).reshape(-1, 2),
-        orig_modes=[r[2] for _, r in ok], skipped=skipped, seconds=time.perf_counter() - t0)
+        orig_modes=[r[2] for _, r in ok], skipped=skipped)
     if use_cache:
         try:
             _save_cache(cache_path, split)
@@ -553,7 +549,6 @@ class ChestXRayDataset(Dataset):
         self.skipped = list(data.skipped)
         self.skip_reasons = dict(data.skipped)
         self.from_cache = data.from_cache
-        self.preprocess_seconds = data.seconds
         self.val_method, self.val_reason = self.plan.val_method, self.plan.val_reason
         self.set_epoch(0)
 
@@ -609,19 +604,18 @@ def unused_train_files(d: DataConfig, plan: Optional[SplitPlan] = None) -> list[
     return [e for e in full if e.patient not in seen]
 
 
-def make_dataloader(dataset: ChestXRayDataset, batch_size: int, train: bool, seed: int = 0,
-                    num_workers: int = 0, device: str | torch.device = "cpu", sampler=None) -> DataLoader:
-    """A DataLoader over cached tensors: pinned memory on CUDA, seeded shuffling, full batches in training.
+def make_dataloader(dataset: ChestXRayDataset, batch_size: int, train: bool, num_workers: int = 0,
+                    device: str | torch.device = "cpu", sampler=None) -> DataLoader:
+    """A DataLoader over cached tensors: pinned memory on CUDA, full batches in training, shuffled
+    in training unless a ``sampler`` decides the order (the trainer passes one seeded per epoch;
+    without one the order follows torch's global seed, as any DataLoader's does).
 
     ``num_workers=0`` is the default because items are slices of an in-memory tensor: worker
     processes would only add inter-process copies (see `python -m spatialvae bench`).
     """
     cuda = torch.device(device).type == "cuda"
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=(train and sampler is None), sampler=sampler,
-        drop_last=train, num_workers=num_workers, pin_memory=cuda, generator=g,
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=(train and sampler is None), sampler=sampler,
+                      drop_last=train, num_workers=num_workers, pin_memory=cuda)
 
 
 def summarize(datasets: Iterable[ChestXRayDataset]) -> dict:
