@@ -126,7 +126,8 @@ class Trainer:
         self.amp_dtype = amp_dtype_for(self.device, t.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.train_data, self.val_data, self.monitor_data = train_data, val_data, monitor_data
-        self._make_loaders()
+        self.train_sampler, self.train_loader, self.val_loader = make_loaders(
+            train_data, val_data, config, self.world_size, self.rank, self.device)
         first = t.phase1 if t.phase1.epochs > 0 else t.phase2
         self.optimizer = torch.optim.AdamW(self.raw_model.parameters(), lr=first.lr, weight_decay=t.weight_decay)
         self.scheduler, self.scheduler_phase = None, 0
@@ -146,25 +147,6 @@ class Trainer:
         if t.compile:
             self.model = torch.compile(self.model)
 
-    def _make_loaders(self) -> None:
-        batch, workers = self.cfg.data.batch_size, self.cfg.data.num_workers
-        if batch % self.world_size:
-            raise SpatialVAEError(f"data.batch_size={batch} is not divisible by {self.world_size} processes; "
-                                  "the global batch is split evenly across GPUs")
-        if self.world_size > 1:
-            self.train_sampler = DistributedSampler(self.train_data, self.world_size, self.rank, shuffle=True,
-                                                    seed=self.cfg.train.seed, drop_last=True)
-        else:
-            self._shuffle_gen = torch.Generator()
-            self.train_sampler = RandomSampler(self.train_data, generator=self._shuffle_gen)
-        self.train_loader = make_dataloader(self.train_data, batch // self.world_size, train=True, num_workers=workers,
-                                            device=self.device, sampler=self.train_sampler)
-        if len(self.train_loader) == 0:
-            raise SpatialVAEError(f"the training split has {len(self.train_data)} images, fewer than one batch of "
-                                  f"{batch}; lower data.batch_size or use more images")
-        self.val_loader = None if self.val_data is None else make_dataloader(
-            self.val_data, batch, train=False, num_workers=workers, device=self.device)
-
     # ---- phases ------------------------------------------------------------------------------
     def _enter_phase(self, phase: int) -> None:
         """Set the phase's lr and a fresh scheduler; Adam moments carry over."""
@@ -172,8 +154,7 @@ class Trainer:
             return
         p = self.cfg.train.phase1 if phase == 1 else self.cfg.train.phase2
         for g in self.optimizer.param_groups:
-            g["lr"] = p.lr
-            g["initial_lr"] = p.lr
+            g.update(lr=p.lr, initial_lr=p.lr)
         self.scheduler = make_scheduler(self.optimizer, p)
         self.scheduler_phase = phase
 
@@ -188,24 +169,15 @@ class Trainer:
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
-    def _set_epoch(self, epoch: int) -> None:
-        if hasattr(self.train_data, "set_epoch"):
-            self.train_data.set_epoch(epoch)  # flips
-        if isinstance(self.train_sampler, DistributedSampler):
-            self.train_sampler.set_epoch(epoch)
-        else:
-            self._shuffle_gen.manual_seed(self.cfg.train.seed * 1_000_003 + epoch)  # order depends only on epoch
-
     def train_epoch(self, beta: Optional[float] = None) -> dict:
         """One pass over the training data at the current epoch; returns mean loss parts."""
         beta = get_beta(self.epoch, self.cfg.train) if beta is None else beta
-        self._set_epoch(self.epoch)
+        set_epoch(self.train_data, self.train_sampler, self.cfg.train.seed, self.epoch)
         self.model.train()
         self.loss_fn.train()
         sums, n_seen = {}, 0
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{total_epochs(self.cfg.train)}",
-                   disable=not self.progress, leave=False, dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
+        bar = progress_bar(self.train_loader, f"epoch {self.epoch + 1}/{total_epochs(self.cfg.train)}", self.progress)
         for step, (x, _) in enumerate(bar):
             x = self._to_device(x)
             res = train_step(self.model, self.loss_fn, self.optimizer, self.scaler, x, beta, self.cfg.train.grad_clip,
@@ -232,11 +204,7 @@ class Trainer:
         self.log.warning(f"warning: skipped a step at epoch {self.epoch + 1}: {why} "
                          f"({self._bad_in_a_row} in a row, limit {limit})")
         if self._bad_in_a_row >= limit:
-            where = f" {self.run_dir / 'checkpoints' / 'last.pt'} holds the last good epoch;" if self.run_dir else ""
-            raise TrainingDivergedError(
-                f"training diverged: the loss was NaN/inf for {limit} steps in a row at epoch {self.epoch + 1}.{where} "
-                "lower the learning rate (train.phase1.lr / train.phase2.lr), keep train.grad_clip, "
-                "or turn off AMP (train.amp=false)")
+            raise diverged_error(limit, self.epoch, self.run_dir)
 
     # ---- validation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -249,17 +217,7 @@ class Trainer:
         loader = self.val_loader if data is None else DataLoader(data, batch_size=self.cfg.data.batch_size)
         if loader is None:
             return {}
-        sums, n = {}, 0
-        with eval_mode(self.raw_model):
-            for x, _ in loader:
-                x = self._to_device(x)
-                with self._autocast():
-                    recon, mu, logvar = self.raw_model(x, sample_posterior=False)
-                    _, parts = self.loss_fn(recon, x, mu, logvar, beta)
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.float() * x.shape[0]
-                n += x.shape[0]
-        out = {k: float(v) / n for k, v in sums.items()}
+        out = mean_loss_parts(self.raw_model, self.loss_fn, loader, beta, self._to_device, self._autocast)
         out["select"] = out["total"] - beta * out["kl"] + final_beta(self.cfg.train) * out["kl"]
         return out
 
@@ -360,16 +318,14 @@ class Trainer:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic checkpoint; refuses to write weights that are not finite."""
-        for name, p in self.raw_model.state_dict().items():
-            if p.is_floating_point() and not torch.isfinite(p).all():
-                raise TrainingDivergedError(f"weights {name} contain NaN/inf; not saving over {path}")
+        check_finite_weights(self.raw_model, path)
         return atomic_torch_save(self.state_dict(), Path(path))
 
     def load(self, path: str | os.PathLike) -> "Trainer":
         """Restore everything `save` wrote; `fit()` then continues at the next epoch."""
         ckpt = load_checkpoint(path)
         check_compatible(config_from_checkpoint(ckpt), self.cfg, path)
-        own_rng = self._own_rng(ckpt.get("rng") or {}, path)  # refuses another world size before touching anything
+        own_rng = rank_rng(ckpt.get("rng") or {}, path, self.world_size, self.rank)  # before touching anything
         try:
             self.raw_model.load_state_dict(ckpt["model"])
             if ckpt.get("scheduler_phase"):
@@ -388,17 +344,85 @@ class Trainer:
         set_rng_state(own_rng)
         return self
 
-    def _own_rng(self, rng: dict, path) -> dict:
-        """This rank's random streams (posterior noise) from a checkpoint's ``rng``; every rank
-        saved its own, so a resume needs as many processes as wrote it."""
-        if "ranks" not in rng:  # written before streams were saved per rank: rank 0's alone
-            return rng
-        saved = int(rng["world_size"])
-        if saved != self.world_size:
-            raise CheckpointError(f"checkpoint {path} was written by {saved} process(es) and this run has "
-                                  f"{self.world_size}; each process's random stream is saved, so resume with "
-                                  f"{'torchrun --nproc-per-node ' + str(saved) if saved > 1 else 'one process'}")
-        return rng["ranks"][self.rank]
+
+def make_loaders(train_data: Dataset, val_data: Optional[Dataset], cfg: Config, world_size: int, rank: int,
+                 device) -> tuple:
+    """-> (train sampler, train loader, val loader or None). The sampler is seeded per epoch by the
+    trainer: a DistributedSampler under torchrun, else a RandomSampler with its own generator."""
+    batch, workers = cfg.data.batch_size, cfg.data.num_workers
+    if batch % world_size:
+        raise SpatialVAEError(f"data.batch_size={batch} is not divisible by {world_size} processes; "
+                              "the global batch is split evenly across GPUs")
+    if world_size > 1:
+        sampler = DistributedSampler(train_data, world_size, rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
+    else:
+        sampler = RandomSampler(train_data, generator=torch.Generator())
+    train_loader = make_dataloader(train_data, batch // world_size, train=True, num_workers=workers, device=device,
+                                   sampler=sampler)
+    if len(train_loader) == 0:
+        raise SpatialVAEError(f"the training split has {len(train_data)} images, fewer than one batch of "
+                              f"{batch}; lower data.batch_size or use more images")
+    val_loader = None if val_data is None else make_dataloader(val_data, batch, train=False, num_workers=workers,
+                                                                device=device)
+    return sampler, train_loader, val_loader
+
+
+@torch.no_grad()
+def mean_loss_parts(model: nn.Module, loss_fn: nn.Module, loader, beta: float, prepare, autocast) -> dict:
+    """Each loss part averaged over ``loader``'s images, decoding the posterior mean in eval mode."""
+    sums, n = {}, 0
+    with eval_mode(model):
+        for x, _ in loader:
+            x = prepare(x)
+            with autocast():
+                recon, mu, logvar = model(x, sample_posterior=False)
+                _, parts = loss_fn(recon, x, mu, logvar, beta)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.float() * x.shape[0]
+            n += x.shape[0]
+    return {k: float(v) / n for k, v in sums.items()}
+
+
+def set_epoch(train_data: Dataset, sampler, seed: int, epoch: int) -> None:
+    """The epoch's flips and data order, each a function of the seed and the epoch alone."""
+    if hasattr(train_data, "set_epoch"):
+        train_data.set_epoch(epoch)  # flips
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    else:
+        sampler.generator.manual_seed(seed * 1_000_003 + epoch)
+
+
+def progress_bar(loader, desc: str, enabled: bool) -> tqdm:
+    return tqdm(loader, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, mininterval=2.0,
+                file=sys.stderr)
+
+
+def check_finite_weights(model: nn.Module, path) -> None:
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise TrainingDivergedError(f"weights {name} contain NaN/inf; not saving over {path}")
+
+
+def diverged_error(limit: int, epoch: int, run_dir: Optional[Path]) -> TrainingDivergedError:
+    where = f" {run_dir / 'checkpoints' / 'last.pt'} holds the last good epoch;" if run_dir else ""
+    return TrainingDivergedError(
+        f"training diverged: the loss was NaN/inf for {limit} steps in a row at epoch {epoch + 1}.{where} "
+        "lower the learning rate (train.phase1.lr / train.phase2.lr), keep train.grad_clip, "
+        "or turn off AMP (train.amp=false)")
+
+
+def rank_rng(rng: dict, path, world_size: int, rank: int) -> dict:
+    """This rank's random streams (posterior noise) from a checkpoint's ``rng``; every rank saved
+    its own, so a resume needs as many processes as wrote it."""
+    if "ranks" not in rng:  # written before streams were saved per rank: rank 0's alone
+        return rng
+    saved = int(rng["world_size"])
+    if saved != world_size:
+        raise CheckpointError(f"checkpoint {path} was written by {saved} process(es) and this run has "
+                              f"{world_size}; each process's random stream is saved, so resume with "
+                              f"{'torchrun --nproc-per-node ' + str(saved) if saved > 1 else 'one process'}")
+    return rng["ranks"][rank]
 
 
 def rng_state() -> dict:
