@@ -331,6 +331,47 @@ def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_pa
     assert "Traceback" not in err and not (tmp_path / "out.png").exists()
 
 
+def test_a_run_prior_killed_mid_training_resumes_to_the_weights_of_one_never_stopped(prior_run, tmp_path,
+                                                                                      monkeypatch):
+    import warnings
+
+    from spatialvae import prior_run as pr
+
+    run = _copy_run(prior_run[0], tmp_path)
+    whole = torch.load(pr.prior_path(run), weights_only=True)  # `train` fitted it without stopping
+    save = pr.atomic_torch_save
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(blob, path):
+        save(blob, path)
+        if blob["step"] == 10:
+            raise Killed  # the session dies right after the save at step 10 of 20
+
+    monkeypatch.setattr(pr, "atomic_torch_save", save_then_die)
+    with warnings.catch_warnings(), pytest.raises(Killed):
+        warnings.simplefilter("ignore")
+        pr.fit_run_prior(run, progress=False, log=lambda s: None, force=True)
+    monkeypatch.undo()
+    stopped = torch.load(pr.prior_path(run), weights_only=True)
+    assert stopped["step"] == 10 and not stopped["done"]
+    logs: list[str] = []
+    saved_steps: list[int] = []
+    monkeypatch.setattr(pr, "atomic_torch_save",
+                        lambda blob, path: (saved_steps.append(blob["step"]), save(blob, path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pr.fit_run_prior(run, progress=False, log=logs.append)
+    assert f"latent prior: resuming {pr.prior_path(run)} at step 10 of 20" in logs
+    assert saved_steps == [20] and "prior step 10/20" not in " ".join(logs)  # steps 11 to 20 only, not a restart
+    resumed = torch.load(pr.prior_path(run), weights_only=True)
+    assert resumed["done"] and [h["step"] for h in resumed["history"]] == [10, 20]
+    for key in ("net", "online"):
+        for name, value in whole[key].items():
+            assert torch.equal(value, resumed[key][name]), (key, name)
+
+
 def test_prior_command_refuses_to_overwrite_and_retrains_with_force(prior_run, tmp_path, capsys):
     from spatialvae.prior_run import load_prior
 
