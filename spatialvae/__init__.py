@@ -22,7 +22,8 @@ _EXPORTS = {
     "training": ("Trainer", "build_trainer"),
     "sampling": ("GaussianSampler", "GMMSampler", "StandardNormalSampler", "PerClass", "fit_sampler", "encode_dataset",
                  "decode_latents", "generate", "interpolate"),
-    "prior": ("LearnedPrior", "load_prior"),
+    "prior": ("LearnedPrior",),
+    "prior_run": ("load_prior",),
     "evaluate": ("evaluate_run",),
     "report": ("metrics_table", "ablation_table"),
 }

@@ -220,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             log.info(f"done: {run_dir} | {len(history)} epochs, best val loss (final beta) {best:.4f} | "
                      f"{time.perf_counter() - t0:.0f} s this session")
             if cfg.prior.enabled:  # the short last stage: resumes like the rest, skipped once finished
-                from .prior import fit_run_prior, prior_path
+                from .prior_run import fit_run_prior, prior_path
 
                 t1 = time.perf_counter()
                 fit_run_prior(run_dir, cfg, splits, device, progress=not args.quiet, log=log.info)
@@ -285,7 +285,7 @@ def _sampler_name(name: Optional[str], run: str) -> str:
               "trains the learned prior, which --sampler learned samples", file=sys.stderr)
         return "standard_normal"
     if name is None:
-        from .prior import prior_path
+        from .prior_run import prior_path
         return "learned" if prior_path(run).is_file() else "gmm"
     return name
 
@@ -294,14 +294,14 @@ def _fitted_sampler(args: argparse.Namespace, model, cfg, epoch: int, per_class:
     """The learned prior from the run folder (``epoch``: the loaded checkpoint's, checked against the
     prior's), or a Gaussian / GMM fitted to the training split's posterior means (per class with --label)."""
     if args.sampler == "learned":
-        from .prior import load_prior
+        from .prior_run import load_prior
         prior = load_prior(args.run, model.latent_shape)
         if prior.vae_epoch is not None and prior.vae_epoch != epoch:
             print(f"warning: the learned prior was fitted to the latents of the epoch-{prior.vae_epoch} checkpoint "
                   f"(best.pt), not this epoch-{epoch} one; its samples may be off", file=sys.stderr)
         return prior
     from .data import make_datasets
-    from .prior import run_latents
+    from .prior_run import run_latents
     from .sampling import fit_sampler
 
     if args.data is not None:
@@ -313,7 +313,7 @@ def _fitted_sampler(args: argparse.Namespace, model, cfg, epoch: int, per_class:
 def cmd_prior(args: argparse.Namespace) -> int:
     """Train (or finish) the learned latent prior of an existing run."""
 
-    from .prior import fit_run_prior, prior_path
+    from .prior_run import fit_run_prior, prior_path
 
     cfg_path = Path(args.run) / "config.json"
     if not cfg_path.is_file():

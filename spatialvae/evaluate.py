@@ -60,7 +60,7 @@ from .metrics import (
     ssim_score,
     summarize,
 )
-from .prior import load_prior, prior_path
+from .prior_run import load_prior, prior_path
 from .runs import atomic_torch_save, atomic_write_bytes, load_model
 from .sampling import (
     StandardNormalSampler,

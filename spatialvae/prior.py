@@ -15,29 +15,26 @@ standardised training latent, x_t = (1 - t) x0 + t x1 and the network regresses 
 x1 - x0. Sampling integrates dx/dt = v(x, t) from t = 0 to 1 (Heun's method). Labels are dropped
 with probability ``label_dropout`` in training, so one network is both conditional and not;
 sampling with ``guidance`` w mixes them as classifier-free guidance: v_u + w (v_c - v_u).
+
+This module is the model alone; a run folder's ``checkpoints/prior.pt`` (encoding the run's data,
+logging, resumable saves, loading) is `spatialvae.prior_run`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.std import tqdm
 
-from .config import Config, PriorConfig
-from .data import CLASSES, make_datasets
-from .engine import default_device
+from .config import PriorConfig
+from .data import CLASSES
 from .errors import CheckpointError, SpatialVAEError, short_reason
-from .runs import atomic_torch_save, load_model
-from .sampling import encode_originals
 
 PRIOR_VERSION = 1
 N_CLASSES = 2  # NORMAL, PNEUMONIA; index 2 is "no label"
@@ -131,14 +128,19 @@ class LearnedPrior:
         self.vae_epoch: Optional[int] = None
 
     # ---- training ----------------------------------------------------------------------------
-    def fit(self, latents: torch.Tensor, labels: Optional[torch.Tensor] = None,
-            val_latents: Optional[torch.Tensor] = None, val_labels: Optional[torch.Tensor] = None,
-            progress: bool = False, log: Callable[[str], None] = lambda s: None,
-            state: Optional[dict] = None, save: Optional[Callable[[dict], None]] = None) -> "LearnedPrior":
-        """Train on posterior latents (N, C, H, W). ``state``/``save``: resume from and write a
-        training state every ``cfg.save_every`` steps, so a killed session continues exactly."""
-        trainer = _PriorTrainer(self, latents, labels, state)
-        trainer.run(val_latents, val_labels, progress, log, save)
+    def fit(self, latents: torch.Tensor, labels: Optional[torch.Tensor] = None, state: Optional[dict] = None,
+            after_step: Optional[Callable[["PriorFit", float], None]] = None) -> "LearnedPrior":
+        """Train on posterior latents (N, C, H, W) for ``cfg.steps`` steps. ``after_step(fit, loss)``
+        is called after each step; ``fit.state()`` passed back as ``state`` continues exactly where
+        it was (`spatialvae.prior_run` logs and saves that way, so a killed session resumes)."""
+        fit = PriorFit(self, latents, labels, state)
+        t0 = time.perf_counter() - self.train_seconds
+        while fit.step < self.cfg.steps:
+            loss = fit.train_step()
+            self.train_seconds = time.perf_counter() - t0
+            if after_step is not None:
+                after_step(fit, loss)
+        self.net.eval()
         return self
 
     # ---- sampling ------------------------------------------------------------------------------
@@ -234,11 +236,19 @@ class LearnedPrior:
         return self.net
 
 
-class _PriorTrainer:
-    """The loop behind `LearnedPrior.fit`: AdamW with warm-up and cosine decay, EMA weights."""
+def flow_matching_loss(net: FlowNet, x1: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Flow-matching loss for standardised latents x1 (B, C, H, W)."""
+    x0 = torch.randn(x1.shape, generator=gen)
+    t = torch.rand(len(x1), generator=gen)
+    xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * x1
+    return F.mse_loss(net(xt, t, y), x1 - x0)
+
+
+class PriorFit:
+    """One fit of a `LearnedPrior`: AdamW with warm-up and cosine decay, EMA weights, label dropout."""
 
     def __init__(self, prior: LearnedPrior, latents: torch.Tensor, labels: Optional[torch.Tensor],
-                 state: Optional[dict]):
+                 state: Optional[dict] = None):
         c = prior.cfg
         if latents.dim() != 4 or len(latents) < 2:
             raise SpatialVAEError(f"need latents of shape (N, C, H, W) with N >= 2, got {tuple(latents.shape)}")
@@ -267,13 +277,6 @@ class _PriorTrainer:
         t = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
         return c.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-    def loss(self, net: FlowNet, x1: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Flow-matching loss for standardised latents x1 (B, C, H, W)."""
-        x0 = torch.randn(x1.shape, generator=gen)
-        t = torch.rand(len(x1), generator=gen)
-        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * x1
-        return F.mse_loss(net(xt, t, y), x1 - x0)
-
     def train_step(self) -> float:
         c = self.c
         idx = torch.randint(len(self.x), (c.batch_size,), generator=self.gen)
@@ -282,7 +285,7 @@ class _PriorTrainer:
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         self.online.train()
-        loss = self.loss(self.online, self.x[idx], y, self.gen)
+        loss = flow_matching_loss(self.online, self.x[idx], y, self.gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.online.parameters(), 1.0)
@@ -294,42 +297,9 @@ class _PriorTrainer:
         self.step += 1
         return float(loss.detach())
 
-    @torch.no_grad()
-    def val_loss(self, latents: torch.Tensor, labels: Optional[torch.Tensor]) -> float:
-        """Flow-matching loss of the EMA net on held-out latents, with fixed noise and times."""
-        y = torch.full((len(latents),), N_CLASSES, dtype=torch.long) if labels is None else labels.long()
-        self.prior.net.eval()
-        x1 = (latents.float() - self.prior.mean) / self.prior.std
-        return float(self.loss(self.prior.net, x1, y, torch.Generator().manual_seed(0)))
-
-    def run(self, val_latents, val_labels, progress: bool, log, save) -> None:
-
-        c = self.c
-        t0 = time.perf_counter() - self.prior.train_seconds
-        bar = tqdm(total=c.steps, initial=self.step, desc="latent prior", disable=not progress, leave=False,
-                   file=sys.stderr, mininterval=2.0)
-        running, n = 0.0, 0
-        while self.step < c.steps:
-            running += self.train_step()
-            n += 1
-            bar.update(1)
-            if self.step % c.log_every == 0 or self.step == c.steps:
-                row = {"step": self.step, "loss": running / n, "lr": self.lr_at(self.step - 1),
-                       "seconds": time.perf_counter() - t0}
-                if val_latents is not None and len(val_latents):
-                    row["val_loss"] = self.val_loss(val_latents, val_labels)
-                self.prior.history.append(row)
-                self.prior.train_seconds = row["seconds"]
-                log(f"prior step {self.step}/{c.steps}: loss {row['loss']:.4f}"
-                    + (f", val {row['val_loss']:.4f}" if "val_loss" in row else "") + f" | {row['seconds']:.0f} s")
-                running, n = 0.0, 0
-                if save is not None:
-                    save(self.state())
-        bar.close()
-        self.prior.train_seconds = time.perf_counter() - t0
-        self.prior.net.eval()
-
     def state(self) -> dict:
+        """The prior's `state_dict` with what continues this fit exactly: the online weights, the
+        optimizer, the batch generator and the step."""
         return {**self.prior.state_dict(), "online": self.online.state_dict(), "optimizer": self.opt.state_dict(),
                 "step": self.step, "gen": self.gen.get_state(), "done": self.step >= self.c.steps}
 
@@ -343,92 +313,5 @@ class _PriorTrainer:
         self.prior.train_seconds = float(state.get("train_seconds", 0.0))
 
 
-__all__ = ["LearnedPrior", "FlowNet", "PRIOR_VERSION", "timestep_embedding", "N_CLASSES"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Run folders: checkpoints/prior.pt
-# ---------------------------------------------------------------------------------------------
-
-def prior_path(run_dir) -> Path:
-    return Path(run_dir) / "checkpoints" / "prior.pt"
-
-
-def _read_prior_file(path: Path) -> dict:
-    fix = f"train it again with `python -m spatialvae prior --run {path.parent.parent} --force`"
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)  # nothing in the file is executed
-    except Exception as e:  # noqa: BLE001 - corrupt, truncated or unsafe
-        raise CheckpointError(f"cannot read the latent prior {path} ({short_reason(e)}); {fix}") from None
-    if not isinstance(blob, dict) or blob.get("kind") != "spatialvae-latent-prior":
-        raise CheckpointError(f"{path} is not a spatialvae latent prior; {fix}")
-    return blob
-
-
-def load_prior(run_dir, latent_shape: Optional[tuple] = None) -> LearnedPrior:
-    """The finished learned prior of a run, checked against the VAE's latent shape."""
-    path = prior_path(run_dir)
-    if not path.is_file():
-        raise SpatialVAEError(f"run {run_dir} has no learned prior ({path} is missing); train one with "
-                              f"`python -m spatialvae prior --run {run_dir}`, or choose --sampler gmm")
-    blob = _read_prior_file(path)
-    if not blob.get("done", True):
-        raise SpatialVAEError(f"the latent prior in {path} stopped at step {blob.get('step')} of "
-                              f"{blob.get('config', {}).get('steps')}; finish it with "
-                              f"`python -m spatialvae prior --run {run_dir}`")
-    return LearnedPrior.from_state_dict(blob, latent_shape, where=str(path))
-
-
-def run_latents(model: nn.Module, splits, device=None, progress: bool = False, val: bool = True) -> dict:
-    """Posterior means and labels of a run's train (unflipped) and, with ``val``, validation splits."""
-    out = {"train": encode_originals(model, splits.train, 64, device, progress), "train_labels": splits.train.labels}
-    if val and splits.val is not None and len(splits.val):
-        out.update(val=encode_originals(model, splits.val, 64, device, progress), val_labels=splits.val.labels)
-    return out
-
-
-def fit_run_prior(run_dir, cfg=None, splits=None, device=None, progress: bool = True,
-                  log: Callable[[str], None] = print, force: bool = False, if_done: str = "keep") -> LearnedPrior:
-    """Train (or finish) the learned prior of a run on its best checkpoint's latents.
-
-    cfg: the run's Config (default: its config.json) whose ``prior`` section is used. A finished
-    ``checkpoints/prior.pt`` is kept (``if_done="keep"``) or refused (``"error"``) unless ``force``;
-    an unfinished one is resumed when its settings match. Saves every ``prior.log_every`` steps.
-    """
-    run_dir = Path(run_dir)
-    ckpt_path = run_dir / "checkpoints" / "best.pt"
-    device = device or default_device()  # the VAE encodes there; the prior itself trains on the CPU
-    model, run_cfg, ckpt = load_model(ckpt_path, device)
-    if len(model.latent_shape) != 3:
-        raise SpatialVAEError(f"the learned prior needs a spatial latent (C, H, W); run {run_dir} has a flat latent "
-                              f"{tuple(model.latent_shape)} (architecture {run_cfg.model.architecture})")
-    cfg = cfg or (Config.from_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else run_cfg)
-    path = prior_path(run_dir)
-    state = None
-    if path.is_file() and not force:
-        blob = _read_prior_file(path)
-        same_vae = blob.get("vae_epoch") == int(ckpt.get("epoch", 0))
-        same_cfg = blob.get("config") == asdict(cfg.prior)
-        if blob.get("done") and same_vae and (same_cfg or if_done == "keep"):
-            if if_done == "error":
-                raise SpatialVAEError(f"{path} already holds a trained prior; add --force to train it again")
-            log(f"latent prior: {path} is already trained ({blob['step']} steps); kept")
-            return LearnedPrior.from_state_dict(blob, model.latent_shape, where=str(path))
-        if not blob.get("done") and same_vae and same_cfg:
-            state = blob
-            log(f"latent prior: resuming {path} at step {blob['step']} of {cfg.prior.steps}")
-        elif if_done == "error":
-            raise SpatialVAEError(f"{path} was trained with other settings or for another best.pt; add --force to "
-                                  "replace it")
-        else:
-            log(f"latent prior: {path} is for another best.pt or other settings; training it again")
-    if splits is None:
-        splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=progress)
-    lat = run_latents(model, splits, device, progress)
-    extra = {"vae_checkpoint": str(ckpt_path), "vae_epoch": int(ckpt.get("epoch", 0))}
-    log(f"latent prior: flow matching on {len(lat['train'])} latents of shape {tuple(model.latent_shape)}, "
-        f"{cfg.prior.steps} steps of {cfg.prior.batch_size}")
-    prior = LearnedPrior(cfg.prior).fit(lat["train"], lat["train_labels"], lat.get("val"), lat.get("val_labels"),
-                                        progress=progress, log=log, state=state,
-                                        save=lambda s: atomic_torch_save({**s, **extra}, path))
-    return prior
+__all__ = ["LearnedPrior", "PriorFit", "FlowNet", "PRIOR_VERSION", "timestep_embedding", "flow_matching_loss",
+           "N_CLASSES"]

@@ -302,7 +302,8 @@ def test_evaluate_run_c2st_of_learned_samples_and_reconstructions(smoke_run, tmp
     import shutil
 
     from spatialvae.config import PriorConfig
-    from spatialvae.prior import LearnedPrior, prior_path
+    from spatialvae.prior import LearnedPrior
+    from spatialvae.prior_run import prior_path
     from spatialvae.report import metrics_table
     from spatialvae.runs import atomic_torch_save
 

@@ -20,7 +20,7 @@ LAYERS = (
     ("data", "viz"),
     ("metrics", "sampling", "report", "c2st"),
     ("features", "prior", "training"),
-    ("bench", "tstr"),
+    ("bench", "tstr", "prior_run"),
     ("evaluate",),
     ("ablation",),
     ("cli",),  # imports config/errors/variants at module level, each command's modules inside it

@@ -9,6 +9,7 @@ import torch
 from spatialvae.config import ConfigError, PriorConfig, get_preset
 from spatialvae.errors import CheckpointError, SpatialVAEError
 from spatialvae.prior import N_CLASSES, FlowNet, LearnedPrior
+from spatialvae.prior_run import fit_logged
 from spatialvae.sampling import GaussianSampler, PerClass, parse_label_mix
 from spatialvae.tstr import balanced_subset, class_labels
 
@@ -41,7 +42,7 @@ def test_flownet_keeps_the_latent_shape_and_starts_at_zero_velocity(shape):
 @pytest.fixture(scope="module")
 def fitted() -> LearnedPrior:
     x, y = two_clusters()
-    return LearnedPrior(tiny_cfg()).fit(x, y, x[:40], y[:40])
+    return fit_logged(LearnedPrior(tiny_cfg()), x, y, x[:40], y[:40])
 
 
 def test_learned_prior_draws_each_class_near_its_own_cluster(fitted):
@@ -100,9 +101,9 @@ def test_interrupted_prior_training_resumes_to_the_same_weights():
             raise Killed  # the session dies right after the save at step 10
 
     with pytest.raises(Killed):
-        LearnedPrior(cfg).fit(x, y, save=save_then_die)
+        fit_logged(LearnedPrior(cfg), x, y, save=save_then_die)
     assert saved[-1]["step"] == 10 and not saved[-1]["done"]
-    resumed = LearnedPrior(cfg).fit(x, y, state=saved[-1])
+    resumed = fit_logged(LearnedPrior(cfg), x, y, state=saved[-1])
     for a, b in zip(whole.net.state_dict().values(), resumed.net.state_dict().values()):
         assert torch.equal(a, b)
     assert [h["step"] for h in resumed.history] == [10, 20, 30]
@@ -202,7 +203,7 @@ def _cli(args, capsys):
 
 
 def test_train_ends_with_a_finished_prior_that_resume_keeps(prior_run, capsys):
-    from spatialvae.prior import load_prior, prior_path
+    from spatialvae.prior_run import load_prior, prior_path
 
     run, tree = prior_run
     blob = torch.load(prior_path(run), weights_only=True)
@@ -237,7 +238,7 @@ def test_sample_learned_per_class_writes_a_grid(prior_run, tmp_path, capsys):
 def test_sample_uses_the_learned_prior_by_default_and_says_so(prior_run, tmp_path, capsys):
     from PIL import Image
 
-    from spatialvae.prior import prior_path
+    from spatialvae.prior_run import prior_path
 
     run, tree = prior_run
     code, text, _ = _cli(["sample", "--run", run, "--n", 4, "--out", tmp_path / "default.png"], capsys)
@@ -302,7 +303,7 @@ def _copy_run(run, tmp_path):
 @pytest.mark.parametrize("case", ["unknown label", "no prior", "other latent shape", "unfinished prior",
                                   "label with N(0, I)", "guidance without the learned prior"])
 def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_path, capsys):
-    from spatialvae.prior import prior_path
+    from spatialvae.prior_run import prior_path
     from spatialvae.runs import atomic_torch_save
 
     run = _copy_run(prior_run[0], tmp_path)
@@ -330,8 +331,49 @@ def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_pa
     assert "Traceback" not in err and not (tmp_path / "out.png").exists()
 
 
+def test_a_run_prior_killed_mid_training_resumes_to_the_weights_of_one_never_stopped(prior_run, tmp_path,
+                                                                                      monkeypatch):
+    import warnings
+
+    from spatialvae import prior_run as pr
+
+    run = _copy_run(prior_run[0], tmp_path)
+    whole = torch.load(pr.prior_path(run), weights_only=True)  # `train` fitted it without stopping
+    save = pr.atomic_torch_save
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(blob, path):
+        save(blob, path)
+        if blob["step"] == 10:
+            raise Killed  # the session dies right after the save at step 10 of 20
+
+    monkeypatch.setattr(pr, "atomic_torch_save", save_then_die)
+    with warnings.catch_warnings(), pytest.raises(Killed):
+        warnings.simplefilter("ignore")
+        pr.fit_run_prior(run, progress=False, log=lambda s: None, force=True)
+    monkeypatch.undo()
+    stopped = torch.load(pr.prior_path(run), weights_only=True)
+    assert stopped["step"] == 10 and not stopped["done"]
+    logs: list[str] = []
+    saved_steps: list[int] = []
+    monkeypatch.setattr(pr, "atomic_torch_save",
+                        lambda blob, path: (saved_steps.append(blob["step"]), save(blob, path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pr.fit_run_prior(run, progress=False, log=logs.append)
+    assert f"latent prior: resuming {pr.prior_path(run)} at step 10 of 20" in logs
+    assert saved_steps == [20] and "prior step 10/20" not in " ".join(logs)  # steps 11 to 20 only, not a restart
+    resumed = torch.load(pr.prior_path(run), weights_only=True)
+    assert resumed["done"] and [h["step"] for h in resumed["history"]] == [10, 20]
+    for key in ("net", "online"):
+        for name, value in whole[key].items():
+            assert torch.equal(value, resumed[key][name]), (key, name)
+
+
 def test_prior_command_refuses_to_overwrite_and_retrains_with_force(prior_run, tmp_path, capsys):
-    from spatialvae.prior import load_prior
+    from spatialvae.prior_run import load_prior
 
     run = _copy_run(prior_run[0], tmp_path)
     data = prior_run[1]["root"]
@@ -383,7 +425,7 @@ def test_evaluate_skips_an_unfinished_prior_with_a_note(prior_run, tmp_path, off
     import warnings
 
     from spatialvae.evaluate import evaluate_run
-    from spatialvae.prior import prior_path
+    from spatialvae.prior_run import prior_path
     from spatialvae.runs import atomic_torch_save
 
     run = _copy_run(prior_run[0], tmp_path)
