@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,16 +148,37 @@ def real_data_root() -> Path:
     return Path(root)
 
 
-@pytest.fixture(params=["fake", "real"])
-def data_root(request) -> Path:
-    """A dataset folder for end-to-end tests (CLI training, the notebook), run once per kind:
+@pytest.fixture(scope="session")
+def fake_smoke_run(tmp_path_factory) -> tuple[Path, dict]:
+    """`train --preset smoke` on the tiny Kaggle-shaped tree, once per session: both phases, then the
+    learned prior -> (run folder, the tree). Tests that write into a run folder take a `copy_run`."""
+    import warnings
 
-    * ``fake``: the chest_xray folder of `kaggle_tree` (always runs; 20 train / 2 val / 6 test readable
-      images after the default patient split), under the test's own ``tmp_path``;
-    * ``real``: ``$SPATIALVAE_DATA`` (skipped when it is not set).
+    from spatialvae.cli import main
 
-    ``tmp_path in data_root.parents`` tells a test which one it got.
-    """
-    if request.param == "fake":
-        return request.getfixturevalue("kaggle_tree")["root"]
-    return request.getfixturevalue("real_data_root")
+    tmp = tmp_path_factory.mktemp("fake_smoke")
+    tree = make_kaggle_tree(tmp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tree's unreadable files
+        code = main(["train", "--preset", "smoke", "--data", str(tree["root"]), "--out", str(tmp / "runs"),
+                     "--set", "data.preprocess_workers=1", "--set", f"data.cache_dir={tmp / 'cache'}", "--quiet"])
+    assert code == 0
+    return tmp / "runs" / "000-smoke", tree
+
+
+@pytest.fixture(scope="session")
+def real_smoke_run(real_data_root, tmp_path_factory) -> Path:
+    """`train --preset smoke` on the real data, once per session: both phases and the learned prior,
+    perceptual term off. Tests that write into a run folder take a `copy_run` of it."""
+    tmp = tmp_path_factory.mktemp("real_smoke")
+    env = {**os.environ, "SPATIALVAE_CACHE": str(tmp / "cache")}
+    r = subprocess.run([sys.executable, "-m", "spatialvae", "train", "--preset", "smoke", "--data", str(real_data_root),
+                        "--out", str(tmp / "runs"), "--set", "loss.perceptual_weight=0", "--quiet"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return tmp / "runs" / "000-smoke"
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a run folder under ``dest`` (same folder name)."""
+    return Path(shutil.copytree(run, dest / run.name))

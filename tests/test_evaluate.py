@@ -5,28 +5,19 @@ empty folder and every download raises."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_kaggle_tree, save_jpeg
+from conftest import copy_run, make_kaggle_tree, save_jpeg
 
 from spatialvae import evaluate as ev
 from spatialvae import metrics as M
 from spatialvae.config import get_preset
-from spatialvae.data import make_datasets, plan_for, unused_train_files
-from spatialvae.engine import seed_everything
+from spatialvae.data import plan_for, unused_train_files
 from spatialvae.errors import SpatialVAEError, WeightsError
-from spatialvae.losses import build_loss
-from spatialvae.model import build_model
-from spatialvae.training import Trainer
 
 torch.set_num_threads(2)
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- metric helpers ------------------------------------------------------------------------------
@@ -131,20 +122,11 @@ def test_explicit_inception_path_must_be_usable(offline, tmp_path):
 # ---- evaluate_run ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """A smoke run (3 epochs of the smoke preset) on the tiny fake Kaggle tree: ~ 5 s."""
-    tmp = tmp_path_factory.mktemp("smoke")
-    tree = make_kaggle_tree(tmp)
-    cfg = get_preset("smoke").with_overrides({"loss.perceptual_weight": 0, "data.root": str(tree["root"]),
-                                              "data.cache_dir": str(tmp / "cache"), "data.preprocess_workers": 1})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tree's unreadable files
-        splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=False)
-    seed_everything(cfg.train.seed)
-    run = tmp / "runs" / "000-smoke"
-    Trainer(build_model(cfg), build_loss(cfg), splits.train, splits.val, cfg, run_dir=run, device="cpu",
-            progress=False).fit()
-    return run, tree
+def smoke_run(fake_smoke_run, tmp_path_factory):
+    """A copy of the session's smoke run on the tiny fake Kaggle tree (conftest), without its learned prior."""
+    run = copy_run(fake_smoke_run[0], tmp_path_factory.mktemp("smoke"))
+    (run / "checkpoints" / "prior.pt").unlink()
+    return run, fake_smoke_run[1]
 
 
 def _evaluate(run, tree, **kw):
@@ -239,15 +221,9 @@ def test_evaluate_run_options(smoke_run, offline, monkeypatch):
         _evaluate(run, tree, samplers=("vamp",))
 
 
-def test_evaluate_run_on_real_data_smoke_run(real_data_root, tmp_path, offline):
-    """`train --preset smoke` on the real data (~10 s), then the evaluation."""
-    env = {**os.environ, "SPATIALVAE_CACHE": os.environ["SPATIALVAE_CACHE"], "TORCH_HOME": str(tmp_path / "th")}
-    r = subprocess.run([sys.executable, "-m", "spatialvae", "train", "--preset", "smoke", "--data",
-                        str(real_data_root), "--out", str(tmp_path / "runs"), "--set", "loss.perceptual_weight=0",
-                        "--set", "data.preprocess_workers=1", "--quiet"],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    run = next((tmp_path / "runs").iterdir())
+def test_evaluate_run_on_real_data_smoke_run(real_smoke_run, tmp_path, offline):
+    """The session's `train --preset smoke` on the real data, then the evaluation."""
+    run = copy_run(real_smoke_run, tmp_path)
     m = ev.evaluate_run(run, device="cpu", progress=False, samplers=("standard_normal", "aggregate_posterior"))
     assert m["inception_unavailable"] and m["samplers"]["standard_normal"]["fid"] is None
     assert m["n_generated"] == m["data"]["n_test"] == sum(m["data"]["test_counts"].values())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_run
 
 from spatialvae.errors import CheckpointError, SpatialVAEError
 from spatialvae.features import (
@@ -99,13 +100,9 @@ def test_features_file_errors(tmp_path):
     assert load_feature_net(tmp_path / "ok.pt")[0].num_features == 8
 
 
-def test_features_cli_and_evaluate_with_features(tiny_features, real_data_root, tmp_path):
+def test_features_cli_and_evaluate_with_features(tiny_features, real_smoke_run, tmp_path):
     path, _ = tiny_features
-    r = subprocess.run([sys.executable, "-m", "spatialvae", "train", "--preset", "smoke", "--data", str(real_data_root),
-                        "--out", str(tmp_path / "runs"), "--set", "loss.perceptual_weight=0", "--quiet"],
-                       capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert r.returncode == 0, r.stderr
-    run = tmp_path / "runs" / "000-smoke"
+    run = copy_run(real_smoke_run, tmp_path)
     r = subprocess.run([sys.executable, "-m", "spatialvae", "evaluate", "--run", str(run), "--features", str(path),
                         "--inception", "off", "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr

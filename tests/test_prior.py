@@ -171,23 +171,10 @@ def test_tstr_helpers_balance_the_classes():
 
 # ---- the run folder and the command line ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def prior_run(tmp_path_factory):
-    """`train --preset smoke` on the tiny Kaggle-shaped tree: both phases, then the prior stage."""
-    import warnings
-
-    from conftest import make_kaggle_tree
-
-    from spatialvae.cli import main
-
-    tmp = tmp_path_factory.mktemp("prior_run")
-    tree = make_kaggle_tree(tmp)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tree's unreadable files
-        code = main(["train", "--preset", "smoke", "--data", str(tree["root"]), "--out", str(tmp / "runs"),
-                     "--set", "data.preprocess_workers=1", "--set", f"data.cache_dir={tmp / 'cache'}", "--quiet"])
-    assert code == 0
-    return tmp / "runs" / "000-smoke", tree
+@pytest.fixture
+def prior_run(fake_smoke_run):
+    """The session's smoke run on the tiny Kaggle-shaped tree (conftest): both phases, then the prior."""
+    return fake_smoke_run
 
 
 def _cli(args, capsys):

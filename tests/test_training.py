@@ -250,15 +250,14 @@ def _cli(*args, env=None, timeout=300):
                           env=e, timeout=timeout)
 
 
-def test_cli_smoke_run_leaves_the_full_run_folder_and_resumes(data_root, tmp_path):
-    # data_root: the fake Kaggle tree (always) and the real data (with SPATIALVAE_DATA), see conftest.
-    r = _cli("train", "--preset", "smoke", "--data", str(data_root), "--out", str(tmp_path / "runs"),
+def test_cli_smoke_run_leaves_the_full_run_folder_and_resumes(kaggle_tree, tmp_path):
+    # The real data's CLI run is conftest's session-wide `real_smoke_run` (test_evaluate, test_features).
+    r = _cli("train", "--preset", "smoke", "--data", str(kaggle_tree["root"]), "--out", str(tmp_path / "runs"),
              "--set", "loss.perceptual_weight=0.1", "--set", "loss.vgg_weights=random", "--quiet")
     assert r.returncode == 0, r.stderr
     run = tmp_path / "runs" / "000-smoke"
     assert "RANDOM VGG16 features" in r.stdout  # the opt-in is said, not hidden
-    if tmp_path in data_root.parents:  # the fake tree: every readable image, patient-split (real: 16 per class)
-        assert "32 px, 20 train / 2 val images" in r.stdout
+    assert "32 px, 20 train / 2 val images" in r.stdout  # every readable image of the tree, patient-split
     for f in ("config.json", "history.csv", "train.log", "checkpoints/last.pt", "checkpoints/best.pt",
               "samples/epoch_003.png"):
         assert (run / f).is_file(), f
