@@ -50,13 +50,13 @@ from .metrics import (
     duplicate_count,
     fid_kid,
     inception_features,
-    l1,
     load_inception,
     nearest_is_self,
     nearest_neighbour,
     pairwise_ms_ssim,
     pca_reconstruct,
     psnr,
+    reconstruction_scores,
     ssim_score,
     summarize,
 )
@@ -67,7 +67,6 @@ from .sampling import (
     decode_latents,
     encode_dataset,
     encode_originals,
-    eval_mode,
     fit_sampler,
     generate,
     interpolate,
@@ -94,23 +93,12 @@ def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
     return Path(checkpoint)
 
 
-@torch.no_grad()
 def reconstruction_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                            batch_size: int = 64) -> tuple[dict, torch.Tensor]:
-    """SSIM / PSNR / L1 of decoded posterior means, overall and per class -> (dict, recons)."""
+    """SSIM / PSNR / L1 of decoded posterior means, overall and per class -> (dict, recons (N, 1, H, W))."""
     device = next(model.parameters()).device
-    per = {"ssim": [], "psnr_db": [], "l1": []}
-    recons = []
-    with eval_mode(model):
-        for s in range(0, len(images), batch_size):
-            x = as_float_images(images[s:s + batch_size])  # (B, 1, H, W)
-            mu, _ = model.encode(x.to(device))
-            r = model.decode(mu).float().clamp(0, 1).cpu()  # (B, 1, H, W)
-            per["ssim"].append(ssim_score(r, x))
-            per["psnr_db"].append(psnr(r, x))
-            per["l1"].append(l1(r, x))
-            recons.append(r)
-    per = {k: torch.cat(v) for k, v in per.items()}
+    per = reconstruction_scores(model, images, batch_size, prepare=lambda x: x.to(device), keep_recons=True)
+    recons = per.pop("recons")  # the rest: {ssim, psnr_db, l1}, (N,) each
 
     def block(mask: torch.Tensor) -> dict:
         return {"n": int(mask.sum()), **{k: (float(v[mask].mean()) if mask.any() else None) for k, v in per.items()}}
@@ -118,7 +106,7 @@ def reconstruction_metrics(model: nn.Module, images: torch.Tensor, labels: torch
     out = {"overall": block(torch.ones(len(labels), dtype=torch.bool))}
     for c, name in enumerate(CLASSES):
         out[name] = block(labels == c)
-    return out, torch.cat(recons)
+    return out, recons
 
 
 @torch.no_grad()
