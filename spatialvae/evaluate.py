@@ -33,7 +33,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -50,13 +50,13 @@ from .metrics import (
     duplicate_count,
     fid_kid,
     inception_features,
-    l1,
     load_inception,
     nearest_is_self,
     nearest_neighbour,
     pairwise_ms_ssim,
     pca_reconstruct,
     psnr,
+    reconstruction_scores,
     ssim_score,
     summarize,
 )
@@ -67,7 +67,6 @@ from .sampling import (
     decode_latents,
     encode_dataset,
     encode_originals,
-    eval_mode,
     fit_sampler,
     generate,
     interpolate,
@@ -85,32 +84,15 @@ TSTR_SOURCES = ("aggregate_posterior_per_class", "gmm_per_class", "learned")  # 
 
 
 # ---------------------------------------------------------------------------------------------
-# Pieces of evaluate_run
+# Reconstruction of the test split
 # ---------------------------------------------------------------------------------------------
 
-def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
-    if checkpoint in ("best", "last"):
-        return run_dir / "checkpoints" / f"{checkpoint}.pt"
-    return Path(checkpoint)
-
-
-@torch.no_grad()
 def reconstruction_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                            batch_size: int = 64) -> tuple[dict, torch.Tensor]:
-    """SSIM / PSNR / L1 of decoded posterior means, overall and per class -> (dict, recons)."""
+    """SSIM / PSNR / L1 of decoded posterior means, overall and per class -> (dict, recons (N, 1, H, W))."""
     device = next(model.parameters()).device
-    per = {"ssim": [], "psnr_db": [], "l1": []}
-    recons = []
-    with eval_mode(model):
-        for s in range(0, len(images), batch_size):
-            x = as_float_images(images[s:s + batch_size])  # (B, 1, H, W)
-            mu, _ = model.encode(x.to(device))
-            r = model.decode(mu).float().clamp(0, 1).cpu()  # (B, 1, H, W)
-            per["ssim"].append(ssim_score(r, x))
-            per["psnr_db"].append(psnr(r, x))
-            per["l1"].append(l1(r, x))
-            recons.append(r)
-    per = {k: torch.cat(v) for k, v in per.items()}
+    per = reconstruction_scores(model, images, batch_size, prepare=lambda x: x.to(device), keep_recons=True)
+    recons = per.pop("recons")  # the rest: {ssim, psnr_db, l1}, (N,) each
 
     def block(mask: torch.Tensor) -> dict:
         return {"n": int(mask.sum()), **{k: (float(v[mask].mean()) if mask.any() else None) for k, v in per.items()}}
@@ -118,7 +100,34 @@ def reconstruction_metrics(model: nn.Module, images: torch.Tensor, labels: torch
     out = {"overall": block(torch.ones(len(labels), dtype=torch.bool))}
     for c, name in enumerate(CLASSES):
         out[name] = block(labels == c)
-    return out, torch.cat(recons)
+    return out, recons
+
+
+def _reconstruction_row(model: nn.Module, test_u8: torch.Tensor, test_labels: torch.Tensor,
+                        batch_size: int) -> tuple[dict, torch.Tensor]:
+    """metrics.json's reconstruction block (with identity) -> (block, recons (N, 1, S, S))."""
+    recon, recons = reconstruction_metrics(model, test_u8, test_labels, batch_size)
+    test = as_float_images(test_u8)  # (N, 1, S, S)
+    recon["identity"] = float(nearest_is_self(recons, test).float().mean())
+    recon["test_images_with_a_duplicate"] = duplicate_count(test)
+    return {"split": "test", "decoded": "posterior mean", **recon}, recons
+
+
+def _save_eval_grid(images: torch.Tensor, out_dir: Path, key: str, nrow: int = 8) -> str:
+    """out_dir/eval_KEY.png -> its path relative to the run folder (metrics.json "images")."""
+    save_grid(images, out_dir / f"eval_{key}.png", nrow=nrow)
+    return f"samples/eval_{key}.png"
+
+
+def _reconstruction_pictures(model: nn.Module, test_u8: torch.Tensor, test_labels: torch.Tensor,
+                             recons: torch.Tensor, seed: int, out_dir: Path) -> tuple[dict, torch.Tensor]:
+    """The reconstruction and interpolation grids -> ({name: path}, 8 originals above their 8 reconstructions)."""
+    pick = _class_balanced_indices(test_labels, 16, seed)
+    sheet = interleave_rows(as_float_images(test_u8[pick]), recons[pick])  # (32, 1, S, S)
+    interpolation = _interpolation_sheet(model, test_u8, test_labels, steps=8, n_pairs=4, seed=seed)
+    pictures = {"reconstructions": _save_eval_grid(sheet, out_dir, "reconstructions"),
+                "interpolation": _save_eval_grid(interpolation, out_dir, "interpolation", nrow=10)}
+    return pictures, sheet[:16]
 
 
 @torch.no_grad()
@@ -168,20 +177,141 @@ def _interpolation_sheet(model: nn.Module, images: torch.Tensor, labels: torch.T
     return torch.cat(rows)  # (pairs * (steps + 2), 1, H, W)
 
 
-def _sample_metrics(images: torch.Tensor, train_images: torch.Tensor, seed: int) -> dict:
-    dist, _ = nearest_neighbour(images, train_images)
-    return {"ms_ssim_diversity": pairwise_ms_ssim(images, seed=seed), "nn_train_rmse": summarize(dist)}
+# ---------------------------------------------------------------------------------------------
+# What real images score: the references every sampler is compared with
+# ---------------------------------------------------------------------------------------------
+
+def _real_references(splits, train_subset: torch.Tensor, net: Optional[nn.Module], seed: int, batch_size: int,
+                     device, progress: bool) -> tuple[dict, Optional[torch.Tensor]]:
+    """What real images score (diversity, distance to train, train-vs-test FID) -> (reference, test Inception features)."""
+    train_u8, test_u8 = splits.train.images, splits.test.images
+    reference = {
+        "test_ms_ssim_diversity": pairwise_ms_ssim(as_float_images(test_u8), seed=seed),
+        "test_nn_train_rmse": summarize(nearest_neighbour(test_u8, train_u8)[0]),
+        "val_nn_train_rmse": summarize(nearest_neighbour(splits.val.images, train_u8)[0]) if len(splits.val) else None,
+    }
+    if net is None:
+        reference["train_vs_test"] = {"n_train": len(train_subset), "fid": None, "kid_mean": None, "kid_std": None}
+        return reference, None
+    feats_test = inception_features(net, test_u8, batch_size, device, progress, "inception test")
+    feats_train = inception_features(net, train_u8[train_subset], batch_size, device, progress, "inception train")
+    reference["train_vs_test"] = {"n_train": len(train_subset), **fid_kid(feats_test, feats_train, seed)}
+    return reference, feats_test
 
 
-def _json_safe(x):
-    """NaN/inf -> None, tuples -> lists, so json.dumps(allow_nan=False) succeeds."""
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
+def _val_in_train_mix(val_labels: torch.Tensor, train_labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The most validation images (at most k) whose class counts follow the training split's mix:
+    the extractor's features separate the classes, so a mix unlike train's would inflate the bar."""
+    shares = torch.bincount(train_labels.long(), minlength=len(CLASSES)).float() / len(train_labels)
+    counts = torch.bincount(val_labels.long(), minlength=len(CLASSES)).float()
+    n = min([k] + [int(counts[c] / shares[c]) for c in range(len(CLASSES)) if shares[c] > 0])
+    return _pick_in_mix(val_labels.long(), n, shares, seed)
+
+
+def _train_halves(n_train: int, n_gen: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint seeded halves of the training split, at most n_gen indices each: A is the domain
+    FD's training reference, B the other side of the real and the decoder's floors."""
+    half = n_train // 2
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + 1))
+    return perm[:min(half, n_gen)], perm[half:half + min(half, n_gen)]
+
+
+def _domain_references(features, splits, train_subset: torch.Tensor, n_gen: int,
+                       seed: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real floors of the domain FD -> (their rows, test features (n_test, D), the features of
+    training half A (n_ref, D), the indices of half B). ``features``: images -> X-ray features (N, D).
+
+    The extractor is a classifier, so its features (and the FD) react strongly to the class mix.
+    Three references: train vs test (what a perfect copy of the training distribution scores against
+    the test split), two disjoint halves of train (the floor for FD against train itself), and the
+    validation split (real held-out patients of the training distribution: the bar a sampler should
+    meet, compared at the same number of images, since FD grows as n shrinks)."""
+    train_u8 = splits.train.images
+    ref_a, ref_b = _train_halves(len(train_u8), n_gen, seed)
+    dom_test, dom_train = features(splits.test.images), features(train_u8[train_subset])
+    dom_ref_a, dom_ref_b = features(train_u8[ref_a]), features(train_u8[ref_b])
+    val_pick = _val_in_train_mix(splits.val.labels, splits.train.labels, min(len(ref_a), n_gen), seed)
+    dom_val = features(splits.val.images[val_pick])
+    val_counts = {c: int((splits.val.labels[val_pick] == i).sum()) for i, c in enumerate(CLASSES)}
+    rows = {"floor_train_vs_test": {"n_train": len(train_subset), **domain_fd_kid(dom_test, dom_train, seed)},
+            "floor_train_vs_train": {"n": len(ref_a), **domain_fd_kid(dom_ref_a, dom_ref_b, seed)},
+            "val_vs_train": {"n": len(val_pick), "class_counts": val_counts,
+                             **domain_fd_kid(dom_ref_a[:len(val_pick)], dom_val, seed)}}
+    return rows, dom_test, dom_ref_a, ref_b
+
+
+def _domain_block(domain_net, domain_info: dict, features_path, rows: dict, n_test: int, n_gen: int) -> dict:
+    """metrics.json's domain block: the extractor, the numbers of images and the real floors (``rows``)."""
+    domain = {"features": str(features_path), "feature_dim": domain_net.num_features,
+              "extractor_image_size": domain_info["config"].image_size,
+              "extractor_test_accuracy": domain_info["test"]["accuracy"],
+              "n_test": n_test, "n_generated": n_gen, "n_train_reference": rows["floor_train_vs_train"]["n"], **rows,
+              "note_class_mix": "the extractor is a NORMAL/PNEUMONIA classifier: FD against test also measures "
+                                "the class mix (test is 62.5% PNEUMONIA); domain_fd_vs_train compares with "
+                                "the distribution the VAE was trained on"}
+    if (note := feature_dim_ok(min(n_test, n_gen), domain_net.num_features)):
+        domain["note"] = note
+    return domain
+
+
+def decoder_floor(model: nn.Module, train_mu: torch.Tensor, ref_b: torch.Tensor, test_recons: torch.Tensor,
+                  domain_net, size: int, dom_ref_a: torch.Tensor, seed: int, device) -> dict:
+    """What a perfect latent sampler scores: FD vs train of the decoder's own images.
+
+    ``fd_vs_train``: reconstructions of training images (the half not used as the reference,
+    so the same N and images as the real train-vs-train floor): a sampler that reproduced the
+    training latents exactly would score this. ``test_reconstructions_fd_vs_train``: the test
+    split's reconstructions, which also carry the test split's shift from train (class mix)."""
+
+    recon_b = decode_latents(model, train_mu[ref_b])
+    fd_b = domain_fd_kid(dom_ref_a, extract_features(domain_net, recon_b, size, device=device), seed)
+    fd_test = domain_fd_kid(dom_ref_a, extract_features(domain_net, test_recons, size, device=device), seed)
+    return {"fd_vs_train": fd_b["fd"], "kid_vs_train": fd_b["kid_mean"], "n": len(ref_b),
+            "test_reconstructions_fd_vs_train": fd_test["fd"]}
+
+
+def _domain_evaluation(domain_net, domain_info: dict, features_path, model: nn.Module, splits,
+                       train_subset: torch.Tensor, train_mu: torch.Tensor, recons: torch.Tensor, n_gen: int, seed: int,
+                       device) -> tuple[dict, dict]:
+    """With an X-ray feature file: metrics.json's domain block (the real floors, the decoder's floor) and
+    the keyword arguments that make `_score_samples` score each sampler in that domain -> (block, kwargs)."""
+    size = domain_info["config"].image_size
+    features = partial(extract_features, domain_net, image_size=size, device=device)  # images -> (N, D)
+    floors, dom_test, dom_ref_a, ref_b = _domain_references(features, splits, train_subset, n_gen, seed)
+    block = {**_domain_block(domain_net, domain_info, features_path, floors, len(splits.test.images), n_gen),
+             "decoder_floor": decoder_floor(model, train_mu, ref_b, recons, domain_net, size, dom_ref_a, seed, device)}
+    return block, {"domain_features": features, "domain_refs": (dom_test, dom_ref_a, floors["val_vs_train"]["n"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers: fit and draw (and save the grids), then score
+# ---------------------------------------------------------------------------------------------
+
+def _select_samplers(run_dir: Path, model: nn.Module, samplers: Optional[Sequence[str]]):
+    """-> (sampler names, the learned prior or None, why it was skipped or None). By default every
+    sampler, the learned ones only if the run has a finished prior; asked for explicitly, a missing
+    or unfinished prior is an error."""
+    if samplers is not None:
+        unknown = sorted(set(samplers) - set(SAMPLERS))
+        if unknown:
+            raise SpatialVAEError(f"unknown sampler(s) {unknown}: choose from {', '.join(SAMPLERS)}")
+        prior = load_prior(run_dir, model.latent_shape) if set(LEARNED) & set(samplers) else None
+        return list(samplers), prior, None
+    prior, note = None, None
+    try:
+        prior = load_prior(run_dir, model.latent_shape) if prior_path(run_dir).is_file() else None
+    except SpatialVAEError as e:
+        note = str(e)
+    return [n for n in SAMPLERS if prior is not None or n not in LEARNED], prior, note
+
+
+def _training_latents(model: nn.Module, train, names: Sequence[str], for_domain: bool, batch_size: int, device,
+                      progress: bool) -> Optional[torch.Tensor]:
+    """Posterior means of the training split (N, *latent_shape), when a fitted sampler or the
+    decoder's floor needs them; else None."""
+    if not for_domain and all(n == "standard_normal" or n in LEARNED for n in names):
         return None
-    return x
+    return encode_originals(model, train, batch_size, device, progress)
 
 
 def sampler_labels(name: str, train_labels: torch.Tensor, n: int, seed: int) -> Optional[torch.Tensor]:
@@ -208,33 +338,97 @@ def _fit_sampler(name: str, model: nn.Module, seed: int, prior, train_mu, train_
     return fit_sampler(kind, train_mu, train_labels if name.endswith("_per_class") else None, seed)
 
 
+def _draw(name: str, model: nn.Module, prior, train_mu: Optional[torch.Tensor], train_labels: torch.Tensor,
+          n_gen: int, seed: int, batch_size: int) -> tuple[object, torch.Tensor, dict]:
+    """Fit one sampler and draw n_gen images -> (sampler, images (n_gen, 1, S, S), the start of its row:
+    what it is, its times, whether it is conditional)."""
+    t0 = time.perf_counter()
+    sampler = _fit_sampler(name, model, seed, prior, train_mu, train_labels)
+    fit_seconds = time.perf_counter() - t0 if name not in LEARNED else prior.train_seconds
+    labels = sampler_labels(name, train_labels, n_gen, seed)
+    t0 = time.perf_counter()
+    images = generate(model, sampler, n_gen, torch.Generator().manual_seed(seed), batch_size, labels=labels)
+    row = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2),
+           "sample_seconds": round(time.perf_counter() - t0, 2), "conditional": labels is not None}
+    return sampler, images, row
+
+
 def _class_grids(model: nn.Module, sampler, name: str, out_dir: Path, seed: int, batch_size: int) -> dict:
-    """32 samples of each class from a class-conditional sampler -> samples/eval_NAME_CLASS.png."""
+    """32 samples of each class from a class-conditional sampler -> {NAME_CLASS: samples/eval_NAME_CLASS.png}."""
     out = {}
     for k, cls in enumerate(CLASSES):
         labels = torch.full((32,), k, dtype=torch.long)
         images = generate(model, sampler, 32, torch.Generator().manual_seed(seed), batch_size, labels=labels)
         key = f"{name}_{cls.lower()}"
-        save_grid(images, out_dir / f"eval_{key}.png")
-        out[key] = f"samples/eval_{key}.png"
+        out[key] = _save_eval_grid(images, out_dir, key)
     return out
 
 
-def decoder_floor(model: nn.Module, train_mu: torch.Tensor, ref_b: torch.Tensor, test_recons: torch.Tensor,
-                  domain_net, size: int, dom_ref_a: torch.Tensor, seed: int, device) -> dict:
-    """What a perfect latent sampler scores: FD vs train of the decoder's own images.
+def _sampler_pictures(name: str, model: nn.Module, sampler, images: torch.Tensor, conditional: bool, out_dir: Path,
+                      seed: int, batch_size: int) -> dict:
+    """A sampler's grid of its first 64 images, and one per class for a class-conditional one -> {name: path}."""
+    pictures = {name: _save_eval_grid(images[:64], out_dir, name)}
+    if conditional and name != "learned_label_free":
+        pictures.update(_class_grids(model, sampler, name, out_dir, seed, batch_size))
+    return pictures
 
-    ``fd_vs_train``: reconstructions of training images (the half not used as the reference,
-    so the same N and images as the real train-vs-train floor): a sampler that reproduced the
-    training latents exactly would score this. ``test_reconstructions_fd_vs_train``: the test
-    split's reconstructions, which also carry the test split's shift from train (class mix)."""
 
-    recon_b = decode_latents(model, train_mu[ref_b])
-    fd_b = domain_fd_kid(dom_ref_a, extract_features(domain_net, recon_b, size, device=device), seed)
-    fd_test = domain_fd_kid(dom_ref_a, extract_features(domain_net, test_recons, size, device=device), seed)
-    return {"fd_vs_train": fd_b["fd"], "kid_vs_train": fd_b["kid_mean"], "n": len(ref_b),
-            "test_reconstructions_fd_vs_train": fd_test["fd"]}
+def _inception_scores(net: Optional[nn.Module], test_feats: Optional[torch.Tensor], images: torch.Tensor, seed: int,
+                      batch_size: int, device, progress: bool, name: str) -> dict:
+    """FID / KID of images (n, 1, S, S) against the test split's Inception features; nulls without Inception."""
+    if net is None:
+        return {"fid": None, "kid_mean": None, "kid_std": None}
+    feats = inception_features(net, images, batch_size, device, progress, f"inception {name}")  # (n, 2048)
+    return fid_kid(test_feats, feats, seed)
 
+
+def _domain_scores(fake: torch.Tensor, test_feats: torch.Tensor, ref_a_feats: torch.Tensor, n_val: int,
+                   seed: int) -> dict:
+    """Domain FD / KID of a sampler's X-ray features fake (n, D): against test, against training half A,
+    and against A at the validation row's n (``n_val`` images, the row's own comparison)."""
+    dom = domain_fd_kid(test_feats, fake, seed)
+    dom_tr = domain_fd_kid(ref_a_feats, fake[:len(ref_a_feats)], seed)
+    pick = torch.randperm(len(fake), generator=torch.Generator().manual_seed(seed))[:n_val]  # rows are in label order
+    at_val_n = domain_fd_kid(ref_a_feats[:n_val], fake[pick], seed)["fd"] if n_val else None
+    return {"domain_fd": dom["fd"], "domain_kid_mean": dom["kid_mean"], "domain_kid_std": dom["kid_std"],
+            "domain_fd_vs_train": dom_tr["fd"], "domain_kid_vs_train": dom_tr["kid_mean"],
+            "domain_fd_vs_train_at_val_n": at_val_n}
+
+
+def _sample_metrics(images: torch.Tensor, train_images: torch.Tensor, seed: int) -> dict:
+    dist, _ = nearest_neighbour(images, train_images)
+    return {"ms_ssim_diversity": pairwise_ms_ssim(images, seed=seed), "nn_train_rmse": summarize(dist)}
+
+
+def _score_samples(name: str, images: torch.Tensor, train_u8: torch.Tensor, seed: int, batch_size: int = 64,
+                   device="cpu", progress: bool = False, inception: Optional[nn.Module] = None,
+                   inception_test: Optional[torch.Tensor] = None, domain_features=None,
+                   domain_refs: Optional[tuple] = None) -> dict:
+    """One sampler's images (n, 1, S, S) -> their scores: FID/KID (Inception), domain FD/KID, diversity,
+    memorisation. ``domain_features``: images -> X-ray features; ``domain_refs``: (test features, training
+    half A's features, n_val), see `_domain_scores`."""
+    row = _inception_scores(inception, inception_test, images, seed, batch_size, device, progress, name)
+    if domain_features is not None:
+        row.update(_domain_scores(domain_features(images), *domain_refs, seed))
+    return {**row, **_sample_metrics(images, train_u8, seed)}
+
+
+def _sampler_rows(names: Sequence[str], model: nn.Module, prior, train_mu: Optional[torch.Tensor],
+                  train_labels: torch.Tensor, n_gen: int, seed: int, batch_size: int, out_dir: Path,
+                  score) -> tuple[dict, dict, dict, dict]:
+    """Each sampler in turn: fit and draw (saving its grids), then score its images with ``score(name, images)``
+    -> ({name: row}, {name: fitted sampler}, {grid name: path}, {name: its first 8 images})."""
+    rows, fitted, pictures, tiles = {}, {}, {}, {}
+    for name in names:
+        sampler, images, row = _draw(name, model, prior, train_mu, train_labels, n_gen, seed, batch_size)
+        pictures.update(_sampler_pictures(name, model, sampler, images, row["conditional"], out_dir, seed, batch_size))
+        rows[name], fitted[name], tiles[name] = {**row, **score(name, images)}, sampler, images[:8]
+    return rows, fitted, pictures, tiles
+
+
+# ---------------------------------------------------------------------------------------------
+# Usefulness: train on synthetic, test on real (spatialvae.tstr)
+# ---------------------------------------------------------------------------------------------
 
 def tstr_block(model: nn.Module, samplers: dict, splits, test_u8: torch.Tensor, per_class: int, seed: int,
                batch_size: int, progress: bool, repeats: int = 3) -> dict:
@@ -252,113 +446,94 @@ def tstr_block(model: nn.Module, samplers: dict, splits, test_u8: torch.Tensor, 
                     repeats=repeats)
 
 
-def _select_samplers(run_dir: Path, model: nn.Module, samplers: Optional[Sequence[str]]):
-    """-> (sampler names, the learned prior or None, why it was skipped or None). By default every
-    sampler, the learned ones only if the run has a finished prior; asked for explicitly, a missing
-    or unfinished prior is an error."""
-    if samplers is not None:
-        unknown = sorted(set(samplers) - set(SAMPLERS))
-        if unknown:
-            raise SpatialVAEError(f"unknown sampler(s) {unknown}: choose from {', '.join(SAMPLERS)}")
-        prior = load_prior(run_dir, model.latent_shape) if set(LEARNED) & set(samplers) else None
-        return list(samplers), prior, None
-    prior, note = None, None
-    try:
-        prior = load_prior(run_dir, model.latent_shape) if prior_path(run_dir).is_file() else None
-    except SpatialVAEError as e:
-        note = str(e)
-    return [n for n in SAMPLERS if prior is not None or n not in LEARNED], prior, note
+# ---------------------------------------------------------------------------------------------
+# Classifier two-sample test (spatialvae.c2st)
+# ---------------------------------------------------------------------------------------------
+
+def _pick_in_mix(labels: torch.Tensor, k: int, shares: torch.Tensor, seed: int) -> torch.Tensor:
+    """Up to k seeded indices (sorted), each class's ``shares`` of them where the classes have enough,
+    the rest from the other images."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    first = torch.cat([perm[labels[perm] == c][:round(k * float(share))] for c, share in enumerate(shares)])
+    rest = perm[~torch.isin(perm, first)][:k - len(first)]
+    return torch.cat([first, rest]).sort().values
 
 
-@dataclass
-class _DomainRefs:
-    """The X-ray feature extractor and the real images' features every sampler is compared with."""
-    net: nn.Module
-    size: int
-    test_feats: torch.Tensor  # (n_test, D)
-    ref_a: torch.Tensor  # indices of the training half used as the reference
-    ref_b: torch.Tensor  # the other half (the real and the decoder's floors)
-    ref_a_feats: torch.Tensor  # (len(ref_a), D)
-    n_val: int  # images of the validation row: it and every sampler are compared at this n
+def _c2st_reference(splits, d: DataConfig, k: int, seed: int,
+                    progress: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Up to k real images the VAE never trained on, in the training split's class mix where possible
+    -> (uint8 (N, S, S), labels (N,), source). ``train_unused``: training-split files a capped run left
+    out (none of their patients trained it), decoded like the run's own (and cached); else ``val``."""
+    labels = splits.train.labels.long()
+    shares = torch.bincount(labels, minlength=len(CLASSES)).float() / len(labels)
+    unused = unused_train_files(d, splits.train.plan)
+    if len(unused) >= 2 * MIN_PER_SIDE:
+        pick = _pick_in_mix(torch.tensor([e.label for e in unused]), k, shares, seed)
+        got = load_split([unused[i] for i in pick.tolist()], d.image_size, d.clahe_clip, d.clahe_tiles, d.cache_dir,
+                         True, d.preprocess_workers, progress, desc="train-unused")
+        return torch.from_numpy(got.images), torch.from_numpy(got.labels), "train_unused"
+    val = splits.val
+    pick = _pick_in_mix(val.labels.long(), k, shares, seed)
+    return val.images[pick], val.labels[pick], "val"
 
 
-def _val_in_train_mix(val_labels: torch.Tensor, train_labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """The most validation images (at most k) whose class counts follow the training split's mix:
-    the extractor's features separate the classes, so a mix unlike train's would inflate the bar."""
-    shares = torch.bincount(train_labels.long(), minlength=len(CLASSES)).float() / len(train_labels)
-    counts = torch.bincount(val_labels.long(), minlength=len(CLASSES)).float()
-    n = min([k] + [int(counts[c] / shares[c]) for c in range(len(CLASSES)) if shares[c] > 0])
-    return _pick_in_mix(val_labels.long(), n, shares, seed)
+def _halves_by_class(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint seeded halves with the same number of images of each class (an odd one out is dropped)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = [], []
+    for c in range(len(CLASSES)):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        a.append(idx[:len(idx) // 2])
+        b.append(idx[len(idx) // 2:2 * (len(idx) // 2)])
+    return torch.cat(a), torch.cat(b)
 
 
-def _domain_references(domain_net, domain_info: dict, features_path, train_u8: torch.Tensor, test_u8: torch.Tensor,
-                       splits, train_subset: torch.Tensor, n_gen: int, seed: int,
-                       device) -> tuple[_DomainRefs, dict]:
-    """Features of the real references and the `domain` block of metrics.json (the real floors).
-
-    The extractor is a classifier, so its features (and the FD) react strongly to the class mix.
-    Two references: train vs test (what a perfect copy of the training distribution scores against
-    the test split), two disjoint halves of train (the floor for FD against train itself), and the
-    validation split (real held-out patients of the training distribution: the bar a sampler should
-    meet, compared at the same number of images, since FD grows as n shrinks)."""
-
-    size = domain_info["config"].image_size
-    dom_test = extract_features(domain_net, test_u8, size, device=device)
-    dom_train = extract_features(domain_net, train_u8[train_subset], size, device=device)
-    half = len(train_u8) // 2
-    perm = torch.randperm(len(train_u8), generator=torch.Generator().manual_seed(seed + 1))
-    ref_a, ref_b = perm[:min(half, n_gen)], perm[half:half + min(half, n_gen)]
-    dom_ref_a = extract_features(domain_net, train_u8[ref_a], size, device=device)
-    dom_ref_b = extract_features(domain_net, train_u8[ref_b], size, device=device)
-    val_pick = _val_in_train_mix(splits.val.labels, splits.train.labels, min(len(ref_a), n_gen), seed)
-    n_val = len(val_pick)
-    dom_val = extract_features(domain_net, splits.val.images[val_pick], size, device=device)
-    val_counts = {c: int((splits.val.labels[val_pick] == i).sum()) for i, c in enumerate(CLASSES)}
-    domain = {"features": str(features_path), "feature_dim": domain_net.num_features,
-              "extractor_image_size": size, "extractor_test_accuracy": domain_info["test"]["accuracy"],
-              "n_test": len(test_u8), "n_generated": n_gen, "n_train_reference": len(ref_a),
-              "floor_train_vs_test": {"n_train": len(train_subset), **domain_fd_kid(dom_test, dom_train, seed)},
-              "floor_train_vs_train": {"n": len(ref_a), **domain_fd_kid(dom_ref_a, dom_ref_b, seed)},
-              "val_vs_train": {"n": n_val, "class_counts": val_counts,
-                               **domain_fd_kid(dom_ref_a[:n_val], dom_val, seed)},
-              "note_class_mix": "the extractor is a NORMAL/PNEUMONIA classifier: FD against test also measures "
-                                "the class mix (test is 62.5% PNEUMONIA); domain_fd_vs_train compares with "
-                                "the distribution the VAE was trained on"}
-    if (note := feature_dim_ok(min(len(test_u8), n_gen), domain_net.num_features)):
-        domain["note"] = note
-    return _DomainRefs(domain_net, size, dom_test, ref_a, ref_b, dom_ref_a, n_val), domain
+def _c2st_row(fake: torch.Tensor, real: torch.Tensor, source: str, what: str, seed: int, device,
+              progress: bool) -> dict:
+    # At the run's own resolution: a 128 px run's missing fine texture is what the test should see.
+    # Both sides 8-bit, as the real images are (and as a saved PNG would be): continuous decoder
+    # output against multiples of 1/255 would be a tell that says nothing about the images.
+    fake, real = (x.float().mul(255).round().div(255) for x in (fake, real))
+    res = classifier_two_sample_test(fake, real, seed=seed, image_size=None, device=device, progress=progress)
+    return {**res, "reference": source, "fake": what}
 
 
-@dataclass
-class _SampleScorer:
-    """Scores one sampler's images: FID/KID (Inception), domain FD/KID, diversity, memorisation."""
-    train_u8: torch.Tensor
-    seed: int
-    batch_size: int
-    device: torch.device
-    progress: bool
-    inception: Optional[nn.Module]
-    inception_test: Optional[torch.Tensor]
-    domain: Optional[_DomainRefs]
+def c2st_block(model: nn.Module, splits, d: DataConfig, prior, n_gen: int, seed: int, batch_size: int, device,
+               progress: bool) -> dict:
+    """Classifier two-sample tests against real images the VAE never trained on (`_c2st_reference`):
+    2 * n_gen of them split into halves A and B with the same class counts; B is the real side of
+    both tests. ``reconstructions``: the decoded posterior means of A (other images than B, so the
+    classifier cannot match pairs); ``learned``: the learned prior's samples with B's labels."""
+    images, labels, source = _c2st_reference(splits, d, 2 * n_gen, seed, progress)
+    a, b = _halves_by_class(labels.long(), seed)
+    if len(b) < MIN_PER_SIDE:
+        return {"skipped": f"{len(images)} real images the VAE never trained on ({source}) give {len(b)} a side; "
+                           f"the test needs {MIN_PER_SIDE} (raise n_samples or use more data)"}
+    real = as_float_images(images[b])
+    row = partial(_c2st_row, real=real, source=source, seed=seed, device=device, progress=progress)
+    out = {"reference": {"source": source, "n": len(b),
+                         "class_counts": {c: int((labels[b] == i).sum()) for i, c in enumerate(CLASSES)}},
+           "note": "held-out accuracy of a small CNN telling fake from real: 0.5 = indistinguishable, 1 = always told "
+                   "apart; p_value is one-sided against 0.5"}
+    recons = decode_latents(model, encode_dataset(model, as_float_images(images[a]), batch_size))
+    out["reconstructions"] = row(recons, what="reconstructions (posterior mean) of the other half")
+    if prior is None:
+        out["learned"] = {"accuracy": None, "skipped": "the learned sampler was not evaluated (no finished checkpoints/prior.pt, or not among samplers)"}
+    else:
+        fake = generate(model, prior, len(b), torch.Generator().manual_seed(seed), batch_size, labels=labels[b].long())
+        out["learned"] = row(fake, what="learned prior samples with the real half's labels")
+    return out
 
-    def score(self, name: str, images: torch.Tensor) -> dict:
 
-        res: dict = {"fid": None, "kid_mean": None, "kid_std": None}
-        if self.inception is not None:
-            feats = inception_features(self.inception, images, self.batch_size, self.device, self.progress,
-                                       f"inception {name}")
-            res.update(fid_kid(self.inception_test, feats, self.seed))
-        if self.domain is not None:
-            d = self.domain
-            fake = extract_features(d.net, images, d.size, device=self.device)
-            dom = domain_fd_kid(d.test_feats, fake, self.seed)
-            dom_tr = domain_fd_kid(d.ref_a_feats, fake[:len(d.ref_a)], self.seed)
-            pick = torch.randperm(len(fake), generator=torch.Generator().manual_seed(self.seed))[:d.n_val]  # rows are in label order
-            at_val_n = domain_fd_kid(d.ref_a_feats[:d.n_val], fake[pick], self.seed)["fd"] if d.n_val else None
-            res.update({"domain_fd": dom["fd"], "domain_kid_mean": dom["kid_mean"], "domain_kid_std": dom["kid_std"],
-                        "domain_fd_vs_train": dom_tr["fd"], "domain_kid_vs_train": dom_tr["kid_mean"],
-                        "domain_fd_vs_train_at_val_n": at_val_n})
-        return {**res, **_sample_metrics(images, self.train_u8, self.seed)}
+# ---------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------
+
+def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+    if checkpoint in ("best", "last"):
+        return run_dir / "checkpoints" / f"{checkpoint}.pt"
+    return Path(checkpoint)
 
 
 def _load_feature_file(features_path) -> tuple:
@@ -378,70 +553,6 @@ def _evaluation_data(cfg, data_root, n_samples: Optional[int], progress: bool):
     if n_gen < 2:
         raise SpatialVAEError(f"n_samples={n_gen}: need at least 2 generated images for the metrics")
     return splits, n_gen
-
-
-def _write_metrics(run_dir: Path, metrics: dict) -> dict:
-    """NaN/inf -> null, then run_dir/metrics.json atomically; returns what was written."""
-
-    metrics = _json_safe(metrics)
-    atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
-    return metrics
-
-
-def _reconstruction_block(model: nn.Module, test_u8: torch.Tensor, test_labels: torch.Tensor, batch_size: int,
-                          seed: int, out_dir: Path, pictures: dict, tensors: dict) -> tuple[dict, torch.Tensor]:
-    """Test reconstructions: metrics with identity, the reconstruction and interpolation grids."""
-    recon, recons = reconstruction_metrics(model, test_u8, test_labels, batch_size)
-    pick = _class_balanced_indices(test_labels, 16, seed)
-    sheet = interleave_rows(as_float_images(test_u8[pick]), recons[pick])  # (32, 1, S, S)
-    save_grid(sheet, out_dir / "eval_reconstructions.png")
-    tensors["reconstructions"] = sheet[:16]  # 8 originals above their 8 reconstructions
-    pictures["reconstructions"] = "samples/eval_reconstructions.png"
-    save_grid(_interpolation_sheet(model, test_u8, test_labels, steps=8, n_pairs=4, seed=seed),
-              out_dir / "eval_interpolation.png", nrow=10)
-    pictures["interpolation"] = "samples/eval_interpolation.png"
-    recon["identity"] = float(nearest_is_self(recons, as_float_images(test_u8)).float().mean())
-    recon["test_images_with_a_duplicate"] = duplicate_count(as_float_images(test_u8))
-    return recon, recons
-
-
-def _real_references(splits, train_subset: torch.Tensor, net: Optional[nn.Module], seed: int, batch_size: int,
-                     device, progress: bool) -> tuple[dict, Optional[torch.Tensor]]:
-    """What real images score (diversity, distance to train, train-vs-test FID) -> (reference, test Inception features)."""
-    train_u8, test_u8 = splits.train.images, splits.test.images
-    reference = {
-        "test_ms_ssim_diversity": pairwise_ms_ssim(as_float_images(test_u8), seed=seed),
-        "test_nn_train_rmse": summarize(nearest_neighbour(test_u8, train_u8)[0]),
-        "val_nn_train_rmse": summarize(nearest_neighbour(splits.val.images, train_u8)[0]) if len(splits.val) else None,
-    }
-    if net is None:
-        reference["train_vs_test"] = {"n_train": len(train_subset), "fid": None, "kid_mean": None, "kid_std": None}
-        return reference, None
-    feats_test = inception_features(net, test_u8, batch_size, device, progress, "inception test")
-    feats_train = inception_features(net, train_u8[train_subset], batch_size, device, progress, "inception train")
-    reference["train_vs_test"] = {"n_train": len(train_subset), **fid_kid(feats_test, feats_train, seed)}
-    return reference, feats_test
-
-
-def _sampler_row(name: str, model: nn.Module, prior, train_mu: torch.Tensor, train_labels: torch.Tensor, n_gen: int,
-                 scorer: "_SampleScorer", out_dir: Path, pictures: dict) -> tuple[object, dict, torch.Tensor]:
-    """Fit one sampler, draw n_gen images, score them and save its grids -> (sampler, its row, the images)."""
-    seed, batch_size = scorer.seed, scorer.batch_size
-    t0 = time.perf_counter()
-    sampler = _fit_sampler(name, model, seed, prior, train_mu, train_labels)
-    fit_seconds = time.perf_counter() - t0 if name not in LEARNED else prior.train_seconds
-    labels = sampler_labels(name, train_labels, n_gen, seed)
-    t0 = time.perf_counter()
-    images = generate(model, sampler, n_gen, torch.Generator().manual_seed(seed), batch_size,
-                      labels=labels)  # (n, 1, S, S)
-    row = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2),
-           "sample_seconds": round(time.perf_counter() - t0, 2), "conditional": labels is not None,
-           **scorer.score(name, images)}
-    save_grid(images[:64], out_dir / f"eval_{name}.png")
-    pictures[name] = f"samples/eval_{name}.png"
-    if labels is not None and name != "learned_label_free":
-        pictures.update(_class_grids(model, sampler, name, out_dir, seed, batch_size))
-    return sampler, row, images
 
 
 def _run_header(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, model: nn.Module, device, splits, n_gen: int,
@@ -476,10 +587,6 @@ _NOTES = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# The evaluation
-# ---------------------------------------------------------------------------------------------
-
 def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None, checkpoint: str = "best",
                  n_samples: Optional[int] = None, features_path: str | os.PathLike | None = None,
                  device: torch.device | str | None = None, batch_size: int = 64, progress: bool = True,
@@ -500,8 +607,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     """
 
     t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    device = default_device(device)
+    run_dir, device = Path(run_dir), default_device(device)
     ckpt_path = _checkpoint_path(run_dir, checkpoint)
     model, cfg, ckpt = load_model(ckpt_path, device)  # weights_only: nothing in the file is executed
     samplers, prior, prior_note = _select_samplers(run_dir, model, samplers)
@@ -509,36 +615,60 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     domain_net, domain_info = _load_feature_file(features_path)
     net, inception_weights, inception_reason = load_inception(inception)
     splits, n_gen = _evaluation_data(cfg, data_root, n_samples, progress)
-    ctx = _Context(model, splits, device, seed, batch_size, progress, run_dir / "samples", {}, {})
+    train_u8, test_u8, test_labels = splits.train.images, splits.test.images, splits.test.labels
+    out_dir = run_dir / "samples"
 
-    recon, recons = _reconstruction_block(model, splits.test.images, splits.test.labels, batch_size, seed,
-                                          ctx.out_dir, ctx.pictures, ctx.tensors)
-    train_subset = seeded_subset(len(splits.train.images), n_gen, seed)
-    reference, feats_test = _real_references(splits, train_subset, net, seed, batch_size, device, progress)
-    refs, domain = None, None
+    recon, recons = _reconstruction_row(model, test_u8, test_labels, batch_size)  # recons (n_test, 1, S, S)
+    pictures, recon_tiles = _reconstruction_pictures(model, test_u8, test_labels, recons, seed, out_dir)
+    train_subset = seeded_subset(len(train_u8), n_gen, seed)
+    reference, inception_test = _real_references(splits, train_subset, net, seed, batch_size, device, progress)
+    train_mu = _training_latents(model, splits.train, samplers, domain_net is not None, batch_size, device, progress)
+    domain, domain_scoring = None, {}
     if domain_net is not None:
-        refs, domain = _domain_references(domain_net, domain_info, features_path, splits.train.images,
-                                          splits.test.images, splits, train_subset, n_gen, seed, device)
-    scorer = _SampleScorer(splits.train.images, seed, batch_size, device, progress, net, feats_test, refs)
-    results, fitted = _sampler_rows(ctx, samplers, prior, scorer, n_gen, domain, recons)
+        domain, domain_scoring = _domain_evaluation(domain_net, domain_info, features_path, model, splits, train_subset,
+                                                    train_mu, recons, n_gen, seed, device)
+    score = partial(_score_samples, train_u8=train_u8, seed=seed, batch_size=batch_size, device=device,
+                    progress=progress, inception=net, inception_test=inception_test, **domain_scoring)
+    rows, fitted, sampler_pictures, tiles = _sampler_rows(samplers, model, prior, train_mu, splits.train.labels,
+                                                          n_gen, seed, batch_size, out_dir, score)
     tstr = None
     if tstr_per_class > 0 and any(n in fitted for n in TSTR_SOURCES):
-        tstr = tstr_block(model, fitted, splits, splits.test.images, tstr_per_class, seed, batch_size, progress,
-                          tstr_repeats)
-    c2st_res = c2st_block(ctx, cfg.data, fitted.get("learned"), n_gen) if c2st else None
+        tstr = tstr_block(model, fitted, splits, test_u8, tstr_per_class, seed, batch_size, progress, tstr_repeats)
+    c2st_res = (c2st_block(model, splits, cfg.data, fitted.get("learned"), n_gen, seed, batch_size, device, progress)
+                if c2st else None)
     metrics = {
         **_run_header(run_dir, ckpt_path, ckpt, cfg, model, device, splits, n_gen, n_samples),
-        "reconstruction": {"split": "test", "decoded": "posterior mean", **recon},
-        "floors": linear_floors(splits.train.images, splits.test.images, int(math.prod(model.latent_shape))),
+        "reconstruction": recon,
+        "floors": linear_floors(train_u8, test_u8, int(math.prod(model.latent_shape))),
         "inception": {"weights": inception_weights, **_INCEPTION_NOTES},
-        "reference": reference, "domain": domain, "samplers": results, "tstr": tstr, "c2st": c2st_res,
-        "images": ctx.pictures, "notes": _NOTES,
+        "reference": reference, "domain": domain, "samplers": rows, "tstr": tstr, "c2st": c2st_res,
+        "images": {**pictures, **sampler_pictures}, "notes": _NOTES,
         **({"inception_unavailable": inception_reason} if inception_reason is not None else {}),
         **({"learned_prior_unavailable": prior_note} if prior_note is not None else {}),
     }
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
-    atomic_torch_save({k: (v * 255).round().to(torch.uint8) for k, v in ctx.tensors.items()}, eval_images_path(run_dir))
+    tensors = {"reconstructions": recon_tiles, **tiles}
+    atomic_torch_save({k: (v * 255).round().to(torch.uint8) for k, v in tensors.items()}, eval_images_path(run_dir))
     return _write_metrics(run_dir, metrics)
+
+
+def _json_safe(x):
+    """NaN/inf -> None, tuples -> lists, so json.dumps(allow_nan=False) succeeds."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _write_metrics(run_dir: Path, metrics: dict) -> dict:
+    """NaN/inf -> null, then run_dir/metrics.json atomically; returns what was written."""
+
+    metrics = _json_safe(metrics)
+    atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
+    return metrics
 
 
 def eval_images_path(run_dir: str | os.PathLike) -> Path:
@@ -558,116 +688,3 @@ def load_eval_images(run_dir: str | os.PathLike) -> dict:
         warnings.warn(f"cannot read {path} ({short_reason(e)}); run `evaluate` again to redraw its pictures")
         return {}
     return {k: v.float() / 255 for k, v in saved.items() if isinstance(v, torch.Tensor)} if isinstance(saved, dict) else {}
-
-
-@dataclass
-class _Context:
-    """What every part of one evaluation shares."""
-    model: nn.Module
-    splits: object  # data.DataSplits
-    device: torch.device
-    seed: int
-    batch_size: int
-    progress: bool
-    out_dir: Path  # run_dir/samples: the grids
-    pictures: dict  # grid name -> path relative to the run folder (metrics.json "images")
-    tensors: dict  # the first tiles of each grid, for figures drawn from tensors (samples/eval_images.pt)
-
-
-def _sampler_rows(ctx: _Context, samplers: Sequence[str], prior, scorer: "_SampleScorer", n_gen: int,
-                  domain: Optional[dict], recons: torch.Tensor) -> tuple[dict, dict]:
-    """Fit, draw and score every sampler (and, with domain features, the decoder's floor, which needs
-    the training latents too) -> ({name: row}, {name: fitted sampler})."""
-    fitted_rows = [n for n in samplers if n != "standard_normal" and n not in LEARNED]  # they need the training latents
-    train_mu = (encode_originals(ctx.model, ctx.splits.train, ctx.batch_size, ctx.device, ctx.progress)
-                if fitted_rows or domain is not None else None)  # (N, *latent_shape)
-    if domain is not None:
-        refs = scorer.domain
-        domain["decoder_floor"] = decoder_floor(ctx.model, train_mu, refs.ref_b, recons, refs.net, refs.size,
-                                                refs.ref_a_feats, ctx.seed, ctx.device)
-    results, fitted = {}, {}
-    for name in samplers:
-        fitted[name], results[name], images = _sampler_row(name, ctx.model, prior, train_mu, ctx.splits.train.labels,
-                                                           n_gen, scorer, ctx.out_dir, ctx.pictures)
-        ctx.tensors[name] = images[:8]
-    return results, fitted
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Classifier two-sample test (spatialvae.c2st)
-# ---------------------------------------------------------------------------------------------
-
-def _pick_in_mix(labels: torch.Tensor, k: int, shares: torch.Tensor, seed: int) -> torch.Tensor:
-    """Up to k seeded indices (sorted), each class's ``shares`` of them where the classes have enough,
-    the rest from the other images."""
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    first = torch.cat([perm[labels[perm] == c][:round(k * float(share))] for c, share in enumerate(shares)])
-    rest = perm[~torch.isin(perm, first)][:k - len(first)]
-    return torch.cat([first, rest]).sort().values
-
-
-def _c2st_reference(ctx: _Context, d: DataConfig, k: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Up to k real images the VAE never trained on, in the training split's class mix where possible
-    -> (uint8 (N, S, S), labels (N,), source). ``train_unused``: training-split files a capped run left
-    out (none of their patients trained it), decoded like the run's own (and cached); else ``val``."""
-    labels = ctx.splits.train.labels.long()
-    shares = torch.bincount(labels, minlength=len(CLASSES)).float() / len(labels)
-    unused = unused_train_files(d, ctx.splits.train.plan)
-    if len(unused) >= 2 * MIN_PER_SIDE:
-        pick = _pick_in_mix(torch.tensor([e.label for e in unused]), k, shares, ctx.seed)
-        got = load_split([unused[i] for i in pick.tolist()], d.image_size, d.clahe_clip, d.clahe_tiles, d.cache_dir,
-                         True, d.preprocess_workers, ctx.progress, desc="train-unused")
-        return torch.from_numpy(got.images), torch.from_numpy(got.labels), "train_unused"
-    val = ctx.splits.val
-    pick = _pick_in_mix(val.labels.long(), k, shares, ctx.seed)
-    return val.images[pick], val.labels[pick], "val"
-
-
-def _halves_by_class(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two disjoint seeded halves with the same number of images of each class (an odd one out is dropped)."""
-    g = torch.Generator().manual_seed(seed)
-    a, b = [], []
-    for c in range(len(CLASSES)):
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        a.append(idx[:len(idx) // 2])
-        b.append(idx[len(idx) // 2:2 * (len(idx) // 2)])
-    return torch.cat(a), torch.cat(b)
-
-
-def _c2st_row(ctx: _Context, fake: torch.Tensor, real: torch.Tensor, source: str, what: str) -> dict:
-    # At the run's own resolution: a 128 px run's missing fine texture is what the test should see.
-    # Both sides 8-bit, as the real images are (and as a saved PNG would be): continuous decoder
-    # output against multiples of 1/255 would be a tell that says nothing about the images.
-    fake, real = (x.float().mul(255).round().div(255) for x in (fake, real))
-    res = classifier_two_sample_test(fake, real, seed=ctx.seed, image_size=None, device=ctx.device,
-                                     progress=ctx.progress)
-    return {**res, "reference": source, "fake": what}
-
-
-def c2st_block(ctx: _Context, d: DataConfig, prior, n_gen: int) -> dict:
-    """Classifier two-sample tests against real images the VAE never trained on (`_c2st_reference`):
-    2 * n_gen of them split into halves A and B with the same class counts; B is the real side of
-    both tests. ``reconstructions``: the decoded posterior means of A (other images than B, so the
-    classifier cannot match pairs); ``learned``: the learned prior's samples with B's labels."""
-    images, labels, source = _c2st_reference(ctx, d, 2 * n_gen)
-    a, b = _halves_by_class(labels.long(), ctx.seed)
-    if len(b) < MIN_PER_SIDE:
-        return {"skipped": f"{len(images)} real images the VAE never trained on ({source}) give {len(b)} a side; "
-                           f"the test needs {MIN_PER_SIDE} (raise n_samples or use more data)"}
-    real = as_float_images(images[b])
-    out = {"reference": {"source": source, "n": len(b),
-                         "class_counts": {c: int((labels[b] == i).sum()) for i, c in enumerate(CLASSES)}},
-           "note": "held-out accuracy of a small CNN telling fake from real: 0.5 = indistinguishable, 1 = always told "
-                   "apart; p_value is one-sided against 0.5"}
-    recons = decode_latents(ctx.model, encode_dataset(ctx.model, as_float_images(images[a]), ctx.batch_size))
-    out["reconstructions"] = _c2st_row(ctx, recons, real, source, "reconstructions (posterior mean) of the other half")
-    if prior is None:
-        out["learned"] = {"accuracy": None, "skipped": "the learned sampler was not evaluated (no finished checkpoints/prior.pt, or not among samplers)"}
-    else:
-        fake = generate(ctx.model, prior, len(b), torch.Generator().manual_seed(ctx.seed), ctx.batch_size,
-                        labels=labels[b].long())
-        out["learned"] = _c2st_row(ctx, fake, real, source, "learned prior samples with the real half's labels")
-    return out

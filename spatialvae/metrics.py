@@ -311,15 +311,22 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, kid_subsets: 
 
 
 @torch.no_grad()
-def reconstruction_scores(model: nn.Module, data, batch_size: int, prepare=lambda x: x, autocast=nullcontext) -> dict:
-    """Mean PSNR / SSIM of posterior-mean reconstructions of ``data`` ((image, label) pairs), in
-    eval mode (restored after) -> {psnr, ssim}. ``prepare`` moves a batch to the model's device."""
-    p, s = [], []
+def reconstruction_scores(model: nn.Module, data, batch_size: int, prepare=lambda x: x, autocast=nullcontext,
+                          keep_recons: bool = False) -> dict:
+    """Per-image SSIM / PSNR / L1 of the decoded posterior means of ``data``, in eval mode (restored
+    after) -> {"ssim", "psnr_db", "l1": (N,) each, on the CPU}, plus "recons" (N, 1, H, W) on the CPU
+    with ``keep_recons``. ``data``: (image, label) pairs (a ChestXRayDataset) or an image tensor (uint8
+    (N, H, W) or float (N, 1, H, W)); ``prepare`` moves a batch to the model's device, where it is scored."""
+    scores = {"ssim": [], "psnr_db": [], "l1": []}
+    recons = []
     with eval_mode(model):
-        for x, _ in DataLoader(data, batch_size=batch_size):
-            x = prepare(x)
+        for batch in DataLoader(data, batch_size=batch_size):
+            x = prepare(as_float_images(batch[0] if isinstance(batch, (list, tuple)) else batch))  # (B, 1, H, W)
             with autocast():
-                recon = model(x, sample_posterior=False)[0].float().clamp(0, 1)
-            p.append(psnr(recon, x).cpu())
-            s.append(ssim_score(recon, x).cpu())
-    return {"psnr": float(torch.cat(p).mean()), "ssim": float(torch.cat(s).mean())}
+                recon = model(x, sample_posterior=False)[0].float().clamp(0, 1)  # (B, 1, H, W)
+            for name, score in (("ssim", ssim_score), ("psnr_db", psnr), ("l1", l1)):
+                scores[name].append(score(recon, x).cpu())
+            if keep_recons:
+                recons.append(recon.cpu())
+    out = {k: torch.cat(v) for k, v in scores.items()}
+    return {**out, "recons": torch.cat(recons)} if keep_recons else out
