@@ -45,6 +45,9 @@ from .model import build_model, count_parameters
 from .runs import read_history_csv
 from .training import final_beta
 
+# The models of bench's FLOP table (README, Benchmarks): the recipe, the CPU main job and the baseline.
+FLOP_TABLE = (("seed", 128), ("quick", 64), ("original", 128))
+
 # Kaggle's T4 (NVIDIA datasheet): 65 TFLOP/s fp16 tensor cores, 8.1 TFLOP/s fp32.
 T4_FP16_TFLOPS = 65.0
 T4_FP32_TFLOPS = 8.1
@@ -362,7 +365,7 @@ def run_bench(data_root=None, preset: str = "seed", image_size: int = 128, batch
         _say(progress, "data: preprocessing Kaggle-size images, cache load, cached epoch ...")
         out["data"] = bench_data(data_root, image_size=image_size, kaggle_n=kaggle_n, batch=batch)
     _say(progress, "FLOPs ...")
-    out["models"] = [count_flops(p, size) for p, size in (("seed", 128), ("quick", 64), ("original", 128))]
+    out["models"] = [count_flops(p, size) for p, size in FLOP_TABLE]
     out["flops"] = next((m for m in out["models"] if (m["preset"], m["image_size"]) == (preset, image_size)),
                         None) or count_flops(preset, image_size)  # the timed model's, counted once
     rows = []

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from spatialvae import bench
 from spatialvae.bench import (
     _judge,
     _run_in_child,
@@ -89,9 +90,10 @@ def test_measure_step_times_the_requested_steps_and_is_deterministic():
     assert a["last_loss"] != a["first_loss"]  # the updates happened
 
 
-def test_bench_command_writes_json_and_table(real_data_root, tmp_path, capsys):
+def test_bench_command_writes_json_and_table(kaggle_tree, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "FLOP_TABLE", (("smoke", 32),))  # the table's 128 px models take ~10 s to count
     out = tmp_path / "bench.json"
-    code = main(["bench", "--data", str(real_data_root), "--preset", "smoke", "--image-size", "32", "--batch", "4",
+    code = main(["bench", "--data", str(kaggle_tree["root"]), "--preset", "smoke", "--image-size", "32", "--batch", "4",
                  "--repeats", "1", "--settings", "eager,channels_last", "--perceptual", "off", "--kaggle-n", "4",
                  "--out", str(out), "--quiet"])
     assert code == 0

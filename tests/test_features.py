@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -100,13 +98,14 @@ def test_features_file_errors(tmp_path):
     assert load_feature_net(tmp_path / "ok.pt")[0].num_features == 8
 
 
-def test_features_cli_and_evaluate_with_features(tiny_features, real_smoke_run, tmp_path):
+def test_features_cli_and_evaluate_with_features(tiny_features, real_smoke_run, tmp_path, capsys):
+    from spatialvae.cli import main
+
     path, _ = tiny_features
     run = copy_run(real_smoke_run, tmp_path)
-    r = subprocess.run([sys.executable, "-m", "spatialvae", "evaluate", "--run", str(run), "--features", str(path),
-                        "--inception", "off", "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "FD vs train" in r.stdout and "real train images (floor)" in r.stdout
+    assert main(["evaluate", "--run", str(run), "--features", str(path), "--inception", "off", "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    assert "FD vs train" in stdout and "real train images (floor)" in stdout
     m = json.loads((run / "metrics.json").read_text())
     dom = m["domain"]
     assert dom["feature_dim"] == 16 and dom["n_test"] == m["n_generated"] == 32
@@ -116,14 +115,14 @@ def test_features_cli_and_evaluate_with_features(tiny_features, real_smoke_run, 
     assert 1 <= dom["val_vs_train"]["n"] <= dom["n_train_reference"] and dom["val_vs_train"]["fd"] >= 0
     normal, pneumonia = dom["val_vs_train"]["class_counts"].values()  # in train's 16 : 16 mix, not val's own
     assert abs(normal - pneumonia) <= 1 and normal + pneumonia == dom["val_vs_train"]["n"]
-    assert "real validation images (held-out patients: the bar)" in r.stdout
+    assert "real validation images (held-out patients: the bar)" in stdout
     for name in ("standard_normal", "aggregate_posterior", "learned", "gmm_per_class"):
         s = m["samplers"][name]
         assert s["domain_fd"] >= 0 and s["domain_kid_std"] > 0 and s["domain_fd_vs_train"] >= 0
         assert s["domain_fd_vs_train_at_val_n"] >= 0
     floor = dom["decoder_floor"]  # the smoke run trains its learned prior; evaluate prints the decoder's floor
     assert floor["n"] == 16 and floor["fd_vs_train"] >= 0 and floor["test_reconstructions_fd_vs_train"] >= 0
-    assert "decoder floor" in r.stdout and "TSTR" in r.stdout and m["tstr"]["real"]["n"] == 32
-    r = subprocess.run([sys.executable, "-m", "spatialvae", "evaluate", "--run", str(run), "--features",
-                        str(tmp_path / "nope.pt"), "--inception", "off"], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 2 and "no features file" in r.stderr and "Traceback" not in r.stderr
+    assert "decoder floor" in stdout and "TSTR" in stdout and m["tstr"]["real"]["n"] == 32
+    assert main(["evaluate", "--run", str(run), "--features", str(tmp_path / "nope.pt"), "--inception", "off"]) == 2
+    err = capsys.readouterr().err
+    assert "no features file" in err and "Traceback" not in err
