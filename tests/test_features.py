@@ -103,7 +103,9 @@ def test_features_cli_and_evaluate_with_features(tiny_features, real_smoke_run, 
 
     path, _ = tiny_features
     run = copy_run(real_smoke_run, tmp_path)
-    assert main(["evaluate", "--run", str(run), "--features", str(path), "--inception", "off", "--quiet"]) == 0
+    # the C2ST is tested in test_evaluate; TSTR here (its classifiers on real images)
+    assert main(["evaluate", "--run", str(run), "--features", str(path), "--inception", "off", "--no-c2st",
+                 "--quiet"]) == 0
     stdout = capsys.readouterr().out
     assert "FD vs train" in stdout and "real train images (floor)" in stdout
     m = json.loads((run / "metrics.json").read_text())
