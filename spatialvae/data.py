@@ -607,15 +607,18 @@ def unused_train_files(d: DataConfig, plan: Optional[SplitPlan] = None) -> list[
 def make_dataloader(dataset: ChestXRayDataset, batch_size: int, train: bool, num_workers: int = 0,
                     device: str | torch.device = "cpu", sampler=None) -> DataLoader:
     """A DataLoader over cached tensors: pinned memory on CUDA, full batches in training, shuffled
-    in training unless a ``sampler`` decides the order (the trainer passes one seeded per epoch;
-    without one the order follows torch's global seed, as any DataLoader's does).
+    in training unless a ``sampler`` decides the order (the trainer passes one seeded per epoch).
 
-    ``num_workers=0`` is the default because items are slices of an in-memory tensor: worker
-    processes would only add inter-process copies (see `python -m spatialvae bench`).
+    The loader has its own generator (seed 0): each pass over a DataLoader draws a seed from its
+    generator, or from torch's global RNG when it has none, and the global RNG draws the posterior
+    noise, so without it every epoch's validation would shift the training noise. ``num_workers=0``
+    is the default because items are slices of an in-memory tensor: worker processes would only
+    add inter-process copies (see `python -m spatialvae bench`).
     """
     cuda = torch.device(device).type == "cuda"
     return DataLoader(dataset, batch_size=batch_size, shuffle=(train and sampler is None), sampler=sampler,
-                      drop_last=train, num_workers=num_workers, pin_memory=cuda)
+                      drop_last=train, num_workers=num_workers, pin_memory=cuda,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def summarize(datasets: Iterable[ChestXRayDataset]) -> dict:

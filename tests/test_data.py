@@ -315,16 +315,17 @@ def test_make_datasets_and_dataloader_batches(kaggle_tree):
     cfg = DataConfig(root=str(kaggle_tree["root"]), image_size=32, batch_size=4, val_split="kaggle")
     splits = _quiet(make_datasets, cfg, seed=0, progress=False)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (18, 4, 6)
-    torch.manual_seed(0)
+    before = torch.get_rng_state()
     batches = list(make_dataloader(splits.train, cfg.batch_size, train=True))
+    assert torch.equal(torch.get_rng_state(), before)  # a pass draws nothing from the global RNG (posterior noise)
     assert len(batches) == 18 // 4  # drop_last in training: every step sees a full batch
     x, y = batches[0]
     assert x.shape == (4, 1, 32, 32) and y.shape == (4,) and x.dtype == torch.float32
-    torch.manual_seed(0)
-    again = [b[0] for b in make_dataloader(splits.train, 4, train=True)]
-    assert all(torch.equal(a, b[0]) for a, b in zip(again, batches))  # the order follows torch's seed
-    other = torch.cat([b[0] for b in make_dataloader(splits.train, 4, train=True)])
-    assert not torch.equal(other, torch.cat([b[0] for b in batches]))  # and is shuffled again next time
+    loader = make_dataloader(splits.train, 4, train=True)
+    again = [b[0] for b in loader]
+    assert all(torch.equal(a, b[0]) for a, b in zip(again, batches))  # seeded shuffling
+    other = torch.cat([b[0] for b in loader])
+    assert not torch.equal(other, torch.cat([b[0] for b in batches]))  # and a new order on the next pass
     val_batches = list(make_dataloader(splits.val, 3, train=False))
     assert sum(len(b[1]) for b in val_batches) == 4
 
