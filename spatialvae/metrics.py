@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim, ssim
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.std import tqdm
 
-from .data import as_float_images, seeded_subset
+from .data import as_float_images, make_dataloader, seeded_subset
 from .engine import eval_mode
 from .errors import WeightsError, short_reason
 from .losses import ssim_window_for
@@ -310,6 +309,14 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, kid_subsets: 
     return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
 
 
+def _image_batches(data, batch_size: int):
+    """Batches of images from a tensor (sliced) or from an (image, label) dataset; neither draws from
+    torch's global RNG, so scoring during training leaves the posterior noise as it was."""
+    if torch.is_tensor(data):
+        return (data[s:s + batch_size] for s in range(0, len(data), batch_size))
+    return (x for x, _ in make_dataloader(data, batch_size, train=False))
+
+
 @torch.no_grad()
 def reconstruction_scores(model: nn.Module, data, batch_size: int, prepare=lambda x: x, autocast=nullcontext,
                           keep_recons: bool = False) -> dict:
@@ -320,8 +327,8 @@ def reconstruction_scores(model: nn.Module, data, batch_size: int, prepare=lambd
     scores = {"ssim": [], "psnr_db": [], "l1": []}
     recons = []
     with eval_mode(model):
-        for batch in DataLoader(data, batch_size=batch_size):
-            x = prepare(as_float_images(batch[0] if isinstance(batch, (list, tuple)) else batch))  # (B, 1, H, W)
+        for batch in _image_batches(data, batch_size):
+            x = prepare(as_float_images(batch))  # (B, 1, H, W)
             with autocast():
                 recon = model(x, sample_posterior=False)[0].float().clamp(0, 1)  # (B, 1, H, W)
             for name, score in (("ssim", ssim_score), ("psnr_db", psnr), ("l1", l1)):

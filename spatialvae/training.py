@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import Dataset, DistributedSampler, RandomSampler
 from tqdm.std import tqdm  # the plain-text bar: readable in a committed Kaggle run's log
 
 from . import distributed
@@ -214,7 +214,7 @@ class Trainer:
         beta: it ranks epochs for `best.pt` and drives ReduceLROnPlateau, so a rising beta during
         annealing does not look like a worsening model."""
         beta = get_beta(self.epoch, self.cfg.train) if beta is None else beta
-        loader = self.val_loader if data is None else DataLoader(data, batch_size=self.cfg.data.batch_size)
+        loader = self.val_loader if data is None else make_dataloader(data, self.cfg.data.batch_size, train=False)
         if loader is None:
             return {}
         out = mean_loss_parts(self.raw_model, self.loss_fn, loader, beta, self._to_device, self._autocast)

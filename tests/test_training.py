@@ -404,19 +404,22 @@ def test_when_rank_0_fails_first_every_rank_stops_at_once_in_one_line(kaggle_tre
 def test_monitor_logs_test_psnr_and_ssim_of_the_posterior_mean(tmp_path):
     from spatialvae.metrics import psnr, ssim_score
 
-    cfg = smoke_cfg(**{"train.phase1.epochs": 1, "train.phase2.epochs": 0})
+    cfg = smoke_cfg(**{"train.phase1.epochs": 2, "train.phase2.epochs": 0})
     seed_everything(0)
     watched = TinyXRays(6, seed=2)
     tr = Trainer(build_model(cfg), build_loss(cfg), TinyXRays(), TinyXRays(8, seed=1), cfg, device="cpu",
                  progress=False, monitor_data=watched)
-    row = tr.fit()[0]
+    row = tr.fit()[-1]
     x = torch.stack([watched[i][0] for i in range(len(watched))])
     with torch.no_grad():
         tr.raw_model.eval()
         recon = tr.raw_model(x, sample_posterior=False)[0].clamp(0, 1)
     assert row["monitor_psnr"] == pytest.approx(float(psnr(recon, x).mean()), rel=1e-5)
     assert row["monitor_ssim"] == pytest.approx(float(ssim_score(recon, x).mean()), rel=1e-5)
-    assert row["monitor_seconds"] > 0 and "monitor_psnr" not in make_trainer(cfg).fit()[0]
+    unwatched = make_trainer(cfg)  # seeded as above
+    assert row["monitor_seconds"] > 0 and "monitor_psnr" not in unwatched.fit()[-1]
+    for k, v in unwatched.raw_model.state_dict().items():  # watching draws nothing from the training noise
+        assert torch.equal(v, tr.raw_model.state_dict()[k]), k
 
 
 def test_a_version_1_checkpoint_loads_as_the_literal_model_it_was(tmp_path):
