@@ -404,15 +404,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_curve(args)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()] if args.settings else None
     perceptual = {"both": (False, True), "off": (False,), "on": (True,)}[args.perceptual]
-    if args.repeats < 1 or args.batch < 1:
-        raise ConfigError(f"--repeats {args.repeats} and --batch {args.batch} must both be at least 1")
     res = run_bench(args.data, preset=args.preset, image_size=args.image_size, batch=args.batch,
                     repeats=args.repeats, settings=settings, perceptual=perceptual, kaggle_n=args.kaggle_n,
                     skip_data=args.skip_data, progress=not args.quiet)
     print(bench_table(res))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
+    out = atomic_write_bytes(args.out, (json.dumps(res, indent=2) + "\n").encode())  # makes the folder
     print(f"\nwrote {out}")
     return 0
 
@@ -427,7 +423,6 @@ def _bench_curve(args: argparse.Namespace) -> int:
 
     res = time_to_quality(args.curve)
     out = Path(args.out).with_name("time_to_quality.json") if args.out == "runs/bench.json" else Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     time_to_quality_figure(res["curves"], out.with_suffix(".png"), floors=res["floors"])
     atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
     table = time_to_quality_table(res)
@@ -556,8 +551,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--out", metavar="FILE.json", type=output_file, default="runs/bench.json", help="figures as JSON (default runs/bench.json)")
     p.add_argument("--preset", choices=("seed", "quick", "smoke"), default="seed", help="model to time (default seed)")
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per setting, after a warm-up (median)")
+    p.add_argument("--batch", type=count(1), default=32)
+    p.add_argument("--repeats", type=count(1), default=3, help="timed steps per setting, after a warm-up (median)")
     p.add_argument("--settings", default=None,
                    help="comma-separated subset of eager, channels_last, compile, compile+channels_last "
                         "(+ fp16, bf16, fp16+channels_last, bf16+channels_last on CUDA); default: all")

@@ -37,6 +37,8 @@ CASES = [
     ("bench --out OUT/afile/b.json", "afile is a file, not a folder"),
     ("bench --kaggle-n 0 --out OUT/b.json", "argument --kaggle-n: 0 is out of range"),
     ("bench --preset huge", "argument --preset: invalid choice"),
+    ("bench --batch 0 --out OUT/b.json", "argument --batch: 0 is out of range: expected at least 1"),
+    ("bench --repeats 0 --out OUT/b.json", "argument --repeats: 0 is out of range: expected at least 1"),
     ("train --preset huge", "argument --preset: invalid choice"),
     ("prior", "the following arguments are required: --run"),
     ("data --image-size big", "argument --image-size: invalid int value"),
