@@ -277,7 +277,6 @@ def test_c2st_reference_picks_the_class_mix_and_halves_share_no_image():
 
 def test_evaluate_run_c2st_of_learned_samples_and_reconstructions(smoke_run, tmp_path, offline):
     """metrics.json's c2st section, against training files the run left out (a tiny stand-in prior)."""
-    import shutil
 
     from spatialvae.config import PriorConfig
     from spatialvae.prior import LearnedPrior
@@ -285,8 +284,7 @@ def test_evaluate_run_c2st_of_learned_samples_and_reconstructions(smoke_run, tmp
     from spatialvae.report import metrics_table
     from spatialvae.runs import atomic_torch_save
 
-    run = tmp_path / "run"
-    shutil.copytree(smoke_run[0], run)
+    run = copy_run(smoke_run[0], tmp_path)
     tiny = PriorConfig(width=32, depth=1, heads=2, steps=5, batch_size=16, warmup_steps=1, sample_steps=2, log_every=5)
     latents, labels = torch.randn(40, 8, 4, 4), torch.arange(2).repeat_interleave(20)
     atomic_torch_save({**LearnedPrior(tiny).fit(latents, labels).state_dict(), "done": True}, prior_path(run))

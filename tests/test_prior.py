@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import copy_run
 
 from spatialvae.config import ConfigError, PriorConfig, get_preset
 from spatialvae.errors import CheckpointError, SpatialVAEError
@@ -211,7 +212,7 @@ def test_sample_learned_per_class_writes_a_grid(prior_run, tmp_path, capsys):
     code, _, err = _cli(["sample", "--run", run, "--sampler", "learned", "--checkpoint", "last", "--n", 2,
                          "--out", tmp_path / "last.png"], capsys)
     assert code == 0 and err == ""  # last.pt is best.pt's epoch here (3), so no warning
-    other = _copy_run(run, tmp_path)  # a last.pt from another epoch than the prior's best.pt
+    other = copy_run(run, tmp_path)  # a last.pt from another epoch than the prior's best.pt
     blob = torch.load(other / "checkpoints" / "last.pt", weights_only=True)
     torch.save({**blob, "epoch": 2}, other / "checkpoints" / "last.pt")
     code, _, err = _cli(["sample", "--run", other, "--sampler", "learned", "--checkpoint", "last", "--n", 2,
@@ -233,7 +234,7 @@ def test_sample_uses_the_learned_prior_by_default_and_says_so(prior_run, tmp_pat
     code, _, _ = _cli(["sample", "--run", run, "--sampler", "learned", "--n", 4, "--out", tmp_path / "l.png"], capsys)
     same = [np.asarray(Image.open(tmp_path / f)) for f in ("default.png", "l.png")]
     assert code == 0 and np.array_equal(*same)
-    without = _copy_run(run, tmp_path)
+    without = copy_run(run, tmp_path)
     prior_path(without).unlink()
     code, text, _ = _cli(["sample", "--run", without, "--n", 4, "--data", tree["root"], "--out", tmp_path / "g.png"],
                          capsys)
@@ -279,21 +280,13 @@ def test_a_dataset_with_one_class_trains_with_a_warning_and_refuses_the_missing_
     assert code == 0 and (tmp_path / "n.png").is_file()
 
 
-def _copy_run(run, tmp_path):
-    import shutil
-
-    dst = tmp_path / run.name
-    shutil.copytree(run, dst)
-    return dst
-
-
 @pytest.mark.parametrize("case", ["unknown label", "no prior", "other latent shape", "unfinished prior",
                                   "label with N(0, I)", "guidance without the learned prior"])
 def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_path, capsys):
     from spatialvae.prior_run import prior_path
     from spatialvae.runs import atomic_torch_save
 
-    run = _copy_run(prior_run[0], tmp_path)
+    run = copy_run(prior_run[0], tmp_path)
     args = ["sample", "--run", run, "--sampler", "learned", "--n", 4, "--out", tmp_path / "out.png"]
     expected = {"unknown label": "unknown label 'cat'", "no prior": "has no learned prior",
                 "other latent shape": "trained for latents of shape (4, 2, 2)",
@@ -324,7 +317,7 @@ def test_a_run_prior_killed_mid_training_resumes_to_the_weights_of_one_never_sto
 
     from spatialvae import prior_run as pr
 
-    run = _copy_run(prior_run[0], tmp_path)
+    run = copy_run(prior_run[0], tmp_path)
     whole = torch.load(pr.prior_path(run), weights_only=True)  # `train` fitted it without stopping
     save = pr.atomic_torch_save
 
@@ -362,7 +355,7 @@ def test_a_run_prior_killed_mid_training_resumes_to_the_weights_of_one_never_sto
 def test_prior_command_refuses_to_overwrite_and_retrains_with_force(prior_run, tmp_path, capsys):
     from spatialvae.prior_run import load_prior
 
-    run = _copy_run(prior_run[0], tmp_path)
+    run = copy_run(prior_run[0], tmp_path)
     data = prior_run[1]["root"]
     code, _, err = _cli(["prior", "--run", run, "--data", data, "--quiet"], capsys)
     assert code == 2 and "already holds a trained prior; add --force" in err
@@ -415,7 +408,7 @@ def test_evaluate_skips_an_unfinished_prior_with_a_note(prior_run, tmp_path, off
     from spatialvae.prior_run import prior_path
     from spatialvae.runs import atomic_torch_save
 
-    run = _copy_run(prior_run[0], tmp_path)
+    run = copy_run(prior_run[0], tmp_path)
     blob = torch.load(prior_path(run), weights_only=True)
     atomic_torch_save({**blob, "done": False, "step": 10}, prior_path(run))
     with warnings.catch_warnings():
