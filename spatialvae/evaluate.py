@@ -687,4 +687,7 @@ def load_eval_images(run_dir: str | os.PathLike) -> dict:
     except Exception as e:  # noqa: BLE001 - a damaged file only costs its pictures
         warnings.warn(f"cannot read {path} ({short_reason(e)}); run `evaluate` again to redraw its pictures")
         return {}
-    return {k: v.float() / 255 for k, v in saved.items() if isinstance(v, torch.Tensor)} if isinstance(saved, dict) else {}
+    if not isinstance(saved, dict):
+        return {}
+    renamed = {"prior": "standard_normal"}  # N(0, I)'s key in files written before the rename
+    return {renamed.get(k, k): v.float() / 255 for k, v in saved.items() if isinstance(v, torch.Tensor)}

@@ -121,7 +121,7 @@ def ablation_table(rows: list[dict], base: Optional[Config] = None) -> str:
             "N(0, I) FID | GMM FID | N(0, I) MS-SSIM | GMM MS-SSIM |")
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        p, q = r.get("standard_normal") or r["prior"], r.get("gmm") or {}  # "prior": results written before the rename
+        p, q = r["standard_normal"], r.get("gmm") or {}
         ident = r.get("test_identity")
         lines.append(
             f"| {r['variant']} | {r['change']} | {r['parameters'] / 1e6:.2f} M | {r['train_seconds']:.0f} | "

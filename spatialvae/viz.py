@@ -168,8 +168,7 @@ def ablation_figure(rows: list[dict], images: dict, path: str | os.PathLike | No
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
-            got = images.get(row["variant"], {})
-            tiles = got.get(key, got.get("prior") if key == "standard_normal" else None)  # "prior": before the rename
+            tiles = images.get(row["variant"], {}).get(key)
             if tiles is not None:
                 ax.imshow(image_grid(tiles, nrow=len(tiles) // 2 if key == "reconstructions" else len(tiles))[0],
                           cmap="gray", vmin=0, vmax=1)

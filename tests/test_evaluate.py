@@ -241,6 +241,14 @@ def test_load_eval_images_missing_or_damaged_file(tmp_path):
         assert ev.load_eval_images(tmp_path) == {}
 
 
+def test_eval_images_written_before_the_sampler_rename_load_under_the_new_name(tmp_path):
+    tiles = torch.full((2, 1, 4, 4), 51, dtype=torch.uint8)
+    ev.eval_images_path(tmp_path).parent.mkdir(parents=True)
+    torch.save({"prior": tiles, "gmm": tiles}, ev.eval_images_path(tmp_path))  # N(0, I)'s key before the rename
+    got = ev.load_eval_images(tmp_path)
+    assert set(got) == {"standard_normal", "gmm"} and torch.equal(got["standard_normal"], torch.full((2, 1, 4, 4), 0.2))
+
+
 # ---- the classifier two-sample test (spatialvae.c2st) -----------------------------------------------
 
 def _tree_with_more_training_images(tmp_path, per_class=24):
