@@ -189,12 +189,44 @@ class PriorConfig:
 
 
 @dataclass
+class TextureConfig:
+    # An optional stage after phase 2 (spatialvae.texture): the encoder and the decoder body are
+    # frozen, so the latent and the learned prior stay as they are, and only the decoder's head
+    # learns, against a patch discriminator, to draw the fine texture an L1 + SSIM decoder
+    # averages away (DC-AE's phase 3). Its output is checkpoints/sharp.pt beside best.pt.
+    enabled: bool = False  # off in seed: the recipe has no such stage; the CPU presets turn it on
+    steps: int = 2000  # optimizer steps of head and discriminator
+    batch_size: int = 8  # images a step
+    hflip: bool = True  # the recipe's flips: the body's output is cached for each image and its mirror
+    head_blocks: int = 1  # decoder upsampling blocks trained with the output convs (1: the 64x64 block)
+    lr: float = 1e-4  # Adam for the head
+    disc_lr: float = 2e-4  # Adam for the discriminator: 2x the head's, as GANs usually want
+    adv_weight: float = 0.05  # hinge adversarial term beside L1 + 0.5 (1 - SSIM)
+    feature_match_weight: float = 0.0  # L1 between the discriminator's features of real and drawn images
+    disc_channels: int = 32  # width of the discriminator's first conv, doubled each layer
+    disc_layers: int = 3  # stride-2 4x4 convs: a patch of 46 px at 3 layers
+    disc_warmup_steps: int = 0  # discriminator-only steps first, so the head meets a critic that already sees
+    log_every: int = 250  # steps between log lines and resumable saves
+    seed: int = 0  # batches and any noise: a generator of the stage's own
+
+    def validate(self) -> "TextureConfig":
+        for name in ("steps", "batch_size", "head_blocks", "disc_channels", "disc_layers", "log_every"):
+            _check(getattr(self, name) >= 1, f"texture.{name}", getattr(self, name), "at least 1")
+        for name in ("lr", "disc_lr"):
+            _check(getattr(self, name) > 0, f"texture.{name}", getattr(self, name), "a positive learning rate")
+        for name in ("adv_weight", "feature_match_weight", "disc_warmup_steps"):
+            _check(getattr(self, name) >= 0, f"texture.{name}", getattr(self, name), "0 or more")
+        return self
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    texture: TextureConfig = field(default_factory=TextureConfig)
     preset: str = "seed"  # the preset this config started from (for logs and run folder names)
 
     # ---- serialisation ---------------------------------------------------------------
@@ -285,6 +317,7 @@ class Config:
         _check(t.n_samples >= 1, "train.n_samples", t.n_samples, "at least 1")
         _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "at least 1")
         self._validate_prior()
+        self.texture.validate()
         return self
 
     def _validate_prior(self) -> None:

@@ -391,14 +391,28 @@ class Decoder(nn.Module):
             zero_(self.conv_out[-1])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(*self.body(z, 0), 0)
+
+    def body(self, z: torch.Tensor, head_blocks: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Everything but the last ``head_blocks`` upsampling blocks and the output convs ->
+        (features, the output skip when already taken). The texture stage trains only the head on
+        these, frozen and computed once."""
         h = self.conv_in(z)
         if self.space:
             h = h + match_channels(z, self.widths[-1])  # (B, 512, 4, 4)
         skip = None
-        for i, block in enumerate(self.blocks):  # (B, 512, 4, 4) -> (B, 32, 64, 64)
+        for i in range(len(self.blocks) - head_blocks):  # (B, 512, 4, 4) -> (B, 32, 64, 64) with head_blocks 0
             if i == self.skip_after and self.space:
                 skip = match_channels(h, self.out_channels)  # (B, 1, 32, 32) with skip_side 32
-            h = block(h)
+            h = self.blocks[i](h)
+        return h, skip
+
+    def head(self, h: torch.Tensor, skip: Optional[torch.Tensor], head_blocks: int) -> torch.Tensor:
+        """The last ``head_blocks`` blocks and the output convs on `body`'s output -> the image."""
+        for i in range(len(self.blocks) - head_blocks, len(self.blocks)):
+            if i == self.skip_after and self.space and skip is None:
+                skip = match_channels(h, self.out_channels)
+            h = self.blocks[i](h)
         if skip is None and self.space:  # skip_side is the last side
             skip = match_channels(h, self.out_channels)
         logits = self.conv_out(self.up_out(h))  # (B, 1, 128, 128)
@@ -407,6 +421,10 @@ class Decoder(nn.Module):
             logits = logits + torch.logit(skip.float().clamp(1e-3, 1 - 1e-3)).to(logits.dtype)
         # Sigmoid: pixels live in [0, 1], which L1, SSIM (data_range=1) and VGG all assume.
         return torch.sigmoid(logits)  # (B, 1, 128, 128)
+
+    def head_modules(self, head_blocks: int) -> list:
+        """The modules `head` runs with these ``head_blocks``: what the texture stage trains."""
+        return [*self.blocks[len(self.blocks) - head_blocks:], self.up_out, self.conv_out]
 
 
 # ---- VAEs -------------------------------------------------------------------------------------

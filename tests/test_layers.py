@@ -19,8 +19,8 @@ LAYERS = (
     ("losses", "runs"),
     ("data", "viz"),
     ("metrics", "sampling", "report", "c2st"),
-    ("features", "prior", "training"),
-    ("bench", "tstr", "prior_run"),
+    ("features", "prior", "training", "texture"),
+    ("bench", "tstr", "prior_run", "texture_run"),
     ("evaluate",),
     ("ablation",),
     ("cli",),  # imports config/errors/variants at module level, each command's modules inside it
