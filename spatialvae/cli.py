@@ -219,6 +219,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             best = min((h["val_select"] for h in history if "val_select" in h), default=float("nan"))
             log.info(f"done: {run_dir} | {len(history)} epochs, best val loss (final beta) {best:.4f} | "
                      f"{time.perf_counter() - t0:.0f} s this session")
+            if cfg.texture.enabled:  # the sharp decoder head: resumes like the rest, kept once finished
+                from .texture_run import fit_run_texture
+
+                t1 = time.perf_counter()
+                fit_run_texture(run_dir, cfg, splits, device, progress=not args.quiet, log=log.info)
+                log.info(f"texture stage: {time.perf_counter() - t1:.0f} s this session")
             if cfg.prior.enabled:  # the short last stage: resumes like the rest, skipped once finished
                 from .prior_run import fit_run_prior, prior_path
 
@@ -257,7 +263,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("--label needs a sampler that knows the classes: learned, gmm or gaussian")
     if args.guidance is not None and args.sampler != "learned":
         raise ConfigError(f"--guidance applies to --sampler learned only, not {args.sampler}; drop it or use learned")
-    path = Path(args.run) / "checkpoints" / f"{args.checkpoint}.pt"
+    if args.checkpoint == "last":
+        path = Path(args.run) / "checkpoints" / "last.pt"
+    else:
+        from .texture_run import decoder_checkpoint
+        path = decoder_checkpoint(args.run, args.decoder)
     model, cfg, ckpt = load_model(path)
     gen = torch.Generator().manual_seed(args.seed)
     if args.sampler == "standard_normal":
@@ -463,6 +473,9 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--n", type=count(1, MAX_GRID, " images in one grid"), default=64)
     p.add_argument("--out", metavar="FILE.png", type=output_file, required=True)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--decoder", choices=("sharp", "smooth"), default=None,
+                   help="sharp: the texture stage's decoder (checkpoints/sharp.pt, the default when the run has one); "
+                        "smooth: best.pt's L1 + SSIM decoder")
     p.add_argument("--sampler", choices=("learned", "gmm", "gaussian", "standard_normal", "prior"), default=None,
                    help="learned: the run's flow-matching prior (checkpoints/prior.pt; the default when the run has "
                         "one); gmm (the default otherwise) or gaussian: fitted to the training latents (needs the "

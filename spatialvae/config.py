@@ -318,6 +318,8 @@ class Config:
         _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "at least 1")
         self._validate_prior()
         self.texture.validate()
+        _check(not (self.texture.enabled and m.architecture != "spatial"), "texture.enabled", self.texture.enabled,
+               "false for model.architecture=original (the stage trains the spatial decoder's head)")
         return self
 
     def _validate_prior(self) -> None:

@@ -424,6 +424,9 @@ class Decoder(nn.Module):
 
     def head_modules(self, head_blocks: int) -> list:
         """The modules `head` runs with these ``head_blocks``: what the texture stage trains."""
+        if not 1 <= head_blocks <= len(self.blocks):
+            raise ConfigError(f"texture.head_blocks={head_blocks} is invalid: expected 1 to {len(self.blocks)}, the "
+                              "decoder's number of blocks at this image size")
         return [*self.blocks[len(self.blocks) - head_blocks:], self.up_out, self.conv_out]
 
 
@@ -559,7 +562,9 @@ def check_buildable(cfg: Config) -> None:
     """Raise the `ConfigError` building this config's model would, without allocating its weights
     (meta device): the CLI calls it before any data is decoded."""
     with torch.device("meta"):
-        build_model(cfg)
+        model = build_model(cfg)
+    if cfg.texture.enabled:
+        model.decoder.head_modules(cfg.texture.head_blocks)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -25,7 +25,6 @@ from torch import nn
 from .config import Config
 from .data import as_float_images
 from .engine import eval_mode
-from .errors import ConfigError
 
 TEXTURE_KIND = "spatialvae-texture-stage"
 
@@ -53,17 +52,6 @@ class PatchDiscriminator(nn.Module):
             h = block(h)
             feats.append(h)
         return self.out(h), feats
-
-
-def check_head_blocks(model: nn.Module, head_blocks: int) -> None:
-    """One clear error when the stage asks for more decoder blocks than the model has."""
-    decoder = getattr(model, "decoder", None)
-    if decoder is None or not hasattr(decoder, "head"):
-        raise ConfigError("the texture stage needs the spatial model (model.architecture=spatial)")
-    n = len(decoder.blocks)
-    if head_blocks > n:
-        raise ConfigError(f"texture.head_blocks={head_blocks} is invalid: expected 1 to {n}, the decoder's "
-                          f"number of blocks at this image size")
 
 
 @torch.no_grad()
@@ -99,7 +87,6 @@ class TextureStage:
 
     def __init__(self, model: nn.Module, loss: nn.Module, cfg: Config):
         t = self.t = cfg.texture
-        check_head_blocks(model, t.head_blocks)
         self.model, self.loss_fn = model, loss
         self.device = next(model.parameters()).device
         for p in model.parameters():
@@ -152,8 +139,8 @@ class TextureStage:
         self.opt_g.zero_grad(set_to_none=True)
         total.backward()
         self.opt_g.step()
-        return {"rec": float(rec), "recon": float(parts["recon"]), "ssim": float(parts["ssim"]), "adv": float(adv),
-                "fm": float(fm), "g_total": float(total)}
+        return {"rec": rec.item(), "recon": parts["recon"].item(), "ssim": parts["ssim"].item(), "adv": adv.item(),
+                "fm": fm.item(), "g_total": total.item()}
 
     def fit(self, inputs: dict, after_step: Callable[["TextureStage", dict], None] = lambda stage, parts: None) -> None:
         """The remaining steps up to ``texture.steps``; ``after_step(self, parts)`` after each."""
@@ -179,4 +166,4 @@ class TextureStage:
         return self
 
 
-__all__ = ["PatchDiscriminator", "TextureStage", "head_inputs", "hinge_d_loss", "check_head_blocks", "TEXTURE_KIND"]
+__all__ = ["PatchDiscriminator", "TextureStage", "head_inputs", "hinge_d_loss", "TEXTURE_KIND"]
