@@ -13,7 +13,7 @@ statistics (noise, blur, texture) and coarse layout, not every subtle difference
 "not told apart by it", not "the same distribution"::
 
     res = classifier_two_sample_test(samples, real_images, seed=0)   # (N, 1, H, W) in [0, 1] each
-    res["accuracy"], res["p_value"]
+    res["accuracy"], res["p_value"], res["auc"]
 """
 
 from __future__ import annotations
@@ -133,11 +133,26 @@ def _recalibrate_batchnorm(net: nn.Module, x: torch.Tensor, g: torch.Generator) 
 
 
 @torch.no_grad()
-def _correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """How many of x the classifier labels right (logit > 0 = fake)."""
+def _logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The classifier's logits for x (N,) in eval mode, on the CPU (positive = fake)."""
     with eval_mode(net):
-        pred = torch.cat([net(chunk) > 0 for chunk in x.split(256)])
-    return int((pred == y.bool()).sum())
+        return torch.cat([net(chunk).float().cpu() for chunk in x.split(256)])
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` (N,) for binary ``labels`` (N,; 1 = positive), by ranks
+    (Mann-Whitney U / (n_pos n_neg)): the chance that a random positive scores above a random
+    negative, a tie counting one half. Threshold-free, so it grades a classifier whose accuracy
+    sits at 1.0 or whose threshold is off. Tied scores share their mean rank."""
+    s, y = scores.detach().double().flatten(), labels.flatten().bool()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"the ROC AUC needs both classes, got {n_pos} positive and {n_neg} negative scores")
+    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # 1-based rank of each distinct value's last copy
+    mid_ranks = ends - (counts.double() - 1) / 2  # (distinct,) the mean rank of each value's copies
+    rank_sum = float(mid_ranks[inverse][y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def binomial_p_value(correct: int, n: int) -> float:
@@ -155,7 +170,10 @@ def classifier_two_sample_test(fake: torch.Tensor, real: torch.Tensor, *, seed: 
     smaller's count (seeded), each set is split 50/50 (seeded) into training and held-out halves,
     and images larger than ``image_size`` are area-downsampled to it (None: kept as they are).
     Same inputs and seed -> the same result on the CPU. Returns accuracy (0.5 = indistinguishable),
-    std_error (of the accuracy), p_value (one-sided, against 0.5), the counts and seconds.
+    std_error (of the accuracy), p_value (one-sided, against 0.5), auc (held-out ROC AUC of the
+    logits, `roc_auc`: 0.5 = indistinguishable, and still graded when the accuracy is saturated),
+    log_loss (mean held-out binary cross-entropy in nats: ln 2 for a classifier that always answers
+    one half, more when it is confidently wrong on images it never saw), the counts and seconds.
     Raises ValueError for different shapes or fewer than `MIN_PER_SIDE` images a side.
     """
     _check_inputs(fake, real)
@@ -176,13 +194,17 @@ def classifier_two_sample_test(fake: torch.Tensor, real: torch.Tensor, *, seed: 
     final_loss = _train(net, x_train, y_train, epochs, g, progress)
     _recalibrate_batchnorm(net, x_train, g)
     n_test = len(fake_te) + len(real_te)
-    correct = _correct(net, *labelled(fake_te, real_te))
+    x_test, y_test = labelled(fake_te, real_te)
+    logits, y_test = _logits(net, x_test), y_test.cpu()  # (n_test,) each
+    correct = int(((logits > 0) == y_test.bool()).sum())
     acc = correct / n_test
     return {"accuracy": acc, "std_error": math.sqrt(acc * (1 - acc) / n_test),
-            "p_value": binomial_p_value(correct, n_test), "n_fake": len(fake), "n_real": len(real),
+            "p_value": binomial_p_value(correct, n_test), "auc": roc_auc(logits, y_test),
+            "log_loss": float(F.binary_cross_entropy_with_logits(logits.double(), y_test.double())),
+            "n_fake": len(fake), "n_real": len(real),
             "n_per_side": n, "n_train": len(fake_tr) + len(real_tr), "n_heldout": n_test,
             "final_train_loss": final_loss, "epochs": epochs, "image_size": list(fake_tr.shape[-2:]),
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-__all__ = ["classifier_two_sample_test", "C2STNet", "binomial_p_value", "MIN_PER_SIDE"]
+__all__ = ["classifier_two_sample_test", "C2STNet", "binomial_p_value", "roc_auc", "MIN_PER_SIDE"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spatialvae.c2st import MIN_PER_SIDE, binomial_p_value, classifier_two_sample_test
+from spatialvae.c2st import MIN_PER_SIDE, binomial_p_value, classifier_two_sample_test, roc_auc
 
 torch.set_num_threads(1)
 
@@ -26,6 +26,8 @@ def test_two_draws_of_one_distribution_are_at_chance():
     assert res["n_heldout"] == 100 and res["n_train"] == 100
     assert abs(res["accuracy"] - 0.5) <= 0.15, res  # 3 standard errors of chance at 100 held-out images
     assert res["p_value"] > 0.001
+    assert abs(res["auc"] - 0.5) <= 0.2, res  # ~3.5 standard errors of the AUC at 50 + 50
+    assert math.isfinite(res["log_loss"]) and res["log_loss"] > 0
 
 
 def test_noisy_images_are_told_from_clean_ones():
@@ -34,6 +36,7 @@ def test_noisy_images_are_told_from_clean_ones():
     res = classifier_two_sample_test(noisy.clamp(0, 1), clean, seed=0)
     assert res["accuracy"] >= 0.9, res
     assert res["p_value"] < 1e-6 and res["std_error"] < 0.05
+    assert res["auc"] >= 0.9 and res["log_loss"] < math.log(2), res
 
 
 def test_same_seed_same_result_and_the_larger_set_is_cut():
@@ -41,6 +44,7 @@ def test_same_seed_same_result_and_the_larger_set_is_cut():
     a = classifier_two_sample_test(fake, real, seed=7, epochs=3)
     b = classifier_two_sample_test(fake, real, seed=7, epochs=3)
     assert a["accuracy"] == b["accuracy"] and a["final_train_loss"] == b["final_train_loss"]
+    assert a["auc"] == b["auc"] and a["log_loss"] == b["log_loss"]
     assert (a["n_fake"], a["n_real"], a["n_per_side"], a["n_train"], a["n_heldout"]) == (30, 50, 30, 30, 30)
 
 
@@ -58,6 +62,27 @@ def test_binomial_p_value():
     assert binomial_p_value(10, 10) == 2 ** -10
     assert binomial_p_value(5, 10) == pytest.approx(638 / 1024)
     assert math.isfinite(binomial_p_value(700, 1200)) and binomial_p_value(700, 1200) < 1e-8
+
+
+def test_roc_auc_closed_form():
+    y = torch.tensor([1, 1, 0, 0, 0])
+    assert roc_auc(torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]), y) == 1.0  # every positive above every negative
+    assert roc_auc(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), y) == 0.0  # every one below
+    assert roc_auc(torch.zeros(5), y) == 0.5  # all tied: each pair counts one half
+    # Positives 0.8, 0.4 against negatives 0.5, 0.4, 0.1: 0.8 beats all 3, 0.4 beats 0.1 and ties 0.4
+    # -> (3 + 1.5) / (2 * 3) pairs.
+    assert roc_auc(torch.tensor([0.8, 0.4, 0.5, 0.4, 0.1]), y) == 0.75
+
+
+def test_roc_auc_is_the_pairwise_count_with_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (40,), generator=g).float()  # many ties
+    y = torch.randint(0, 2, (40,), generator=g)
+    pos, neg = scores[y == 1], scores[y == 0]
+    pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+    assert roc_auc(scores, y) == pytest.approx(float(pairs.mean()), abs=1e-12)
+    with pytest.raises(ValueError, match="both classes"):
+        roc_auc(scores, torch.ones(40))
 
 
 @pytest.mark.parametrize("fake, real, match", [
