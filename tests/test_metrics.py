@@ -1,4 +1,4 @@
-"""Per-image metrics and the linear floors: closed-form values."""
+"""Per-image metrics, the linear floors and the sharpness ratios: closed-form values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,17 @@ import math
 import pytest
 import torch
 
-from spatialvae.metrics import PSNR_CAP_DB, nearest_is_self, pca_reconstruct, psnr
+from torchvision.transforms.functional import gaussian_blur
+
+from spatialvae.metrics import (
+    PSNR_CAP_DB,
+    SHARPNESS_BANDS,
+    band_power,
+    nearest_is_self,
+    pca_reconstruct,
+    psnr,
+    sharpness_ratios,
+)
 
 torch.set_num_threads(2)
 
@@ -52,3 +62,47 @@ def test_identity_counts_an_exact_duplicate_as_the_own_original():
     assert not nearest_is_self(recons, originals, duplicate_mse=0.0)[4]  # ties go to the first index
     from spatialvae.metrics import duplicate_count
     assert duplicate_count(originals) == 2
+
+
+# ---- sharpness: fine detail as a ratio to real images ------------------------------------------------
+
+SHARPNESS_KEYS = {"power_0.25-0.5", "power_0.5-0.75", "power_0.75-1", "laplacian"}
+
+
+def textured(n=6, size=64, seed=0):
+    """(n, 1, size, size) in [0, 1] with detail at every frequency (mid-grey plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    return (0.5 + 0.15 * torch.randn(n, 1, size, size, generator=g)).clamp(0, 1)
+
+
+def test_sharpness_of_images_against_themselves_is_exactly_one():
+    x = textured()
+    r = sharpness_ratios(x, x)
+    assert set(r) == SHARPNESS_KEYS and all(v == 1.0 for v in r.values()), r
+
+
+def test_blur_lowers_every_band_and_the_laplacian_more_with_sigma():
+    x = textured()
+    mild = sharpness_ratios(gaussian_blur(x, [5, 5], [0.5, 0.5]), x)
+    strong = sharpness_ratios(gaussian_blur(x, [7, 7], [1.0, 1.0]), x)
+    for k in SHARPNESS_KEYS:
+        assert strong[k] < mild[k] < 1, (k, mild[k], strong[k])
+
+
+def test_added_noise_raises_the_top_band_above_real():
+    x = textured()
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    assert sharpness_ratios(noisy, x)["power_0.75-1"] > 1
+
+
+@pytest.mark.parametrize("band", range(len(SHARPNESS_BANDS)))
+def test_band_power_of_a_cosine_lies_in_its_band(band):
+    """A horizontal cosine at the middle of a band (cycles per pixel = radius * 0.5): its power
+    there, next to nothing (the 8-bit rounding and the window's skirt) in the others."""
+    lo, hi = SHARPNESS_BANDS[band]
+    n = 64
+    f = (lo + hi) / 2 * 0.5
+    row = 0.5 + 0.4 * torch.cos(2 * math.pi * f * torch.arange(n).float())
+    p = band_power(row.view(1, 1, 1, n).expand(2, 1, n, n))[0]  # (bands,)
+    others = torch.cat([p[:band], p[band + 1:]])
+    assert p.argmax() == band and (others < 1e-3 * p[band]).all(), p
