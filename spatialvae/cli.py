@@ -349,7 +349,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .report import metrics_table
 
-    metrics = evaluate_run(args.run, data_root=args.data, checkpoint=args.checkpoint, n_samples=args.n,
+    if args.decoder and args.checkpoint:
+        raise ConfigError(f"pass --decoder or --checkpoint, not both (--decoder {args.decoder} picks "
+                          f"{'sharp.pt' if args.decoder == 'sharp' else 'best.pt'})")
+    checkpoint = args.decoder or args.checkpoint or "auto"  # auto: sharp.pt when the run has one, else best.pt
+    metrics = evaluate_run(args.run, data_root=args.data, checkpoint=checkpoint, n_samples=args.n,
                            features_path=args.features, inception=args.inception, progress=not args.quiet,
                            seed=args.seed, tstr_per_class=args.tstr, c2st=args.c2st)
     print(metrics_table(metrics))
@@ -505,7 +509,11 @@ def _add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="measure a run on the test split and write RUN_DIR/metrics.json")
     p.add_argument("--run", metavar="RUN_DIR", required=True)
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: the run's own)")
-    p.add_argument("--checkpoint", default="best", help="best, last, or a path to a .pt file")
+    p.add_argument("--checkpoint", default=None,
+                   help="best, last, or a path to a .pt file (default: the one --decoder picks)")
+    p.add_argument("--decoder", choices=("sharp", "smooth"), default=None,
+                   help="sharp: the texture stage's decoder (checkpoints/sharp.pt, the default when the run has one), "
+                        "scored beside the smooth one; smooth: best.pt alone")
     p.add_argument("--n", type=count(2), default=None, help="images generated per sampler (default: test split size)")
     p.add_argument("--inception", default="auto",
                    help="auto (cache, else download), off, or a path to the FID Inception weights")

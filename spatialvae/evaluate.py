@@ -18,7 +18,14 @@ writes ``run_dir/metrics.json`` plus sample grids under ``run_dir/samples/eval_*
 * diversity: mean pairwise MS-SSIM among samples (lower = more diverse; the test split's value
   is the reference);
 * memorisation: each sample's pixel RMSE to its nearest training image (either orientation,
-  since training used horizontal flips), next to the same distance for test images.
+  since training used horizontal flips), next to the same distance for test images;
+* sharpness: how much fine detail the reconstructions and learned-prior samples hold, as ratios
+  to real images' (`metrics.sharpness_ratios`), beside real-vs-real and blurred references.
+
+The decoder: a run with a texture stage (`spatialvae.texture_run`) has ``checkpoints/sharp.pt``
+beside the smooth ``best.pt``; it is evaluated by default, and then the smooth decoder's
+reconstruction scores, sharpness and decoder floor come in ``smooth_decoder`` (the same latents
+decoded both ways), so one evaluation shows the stage's before and after.
 
 FID/KID use the standard Inception features (torch-fidelity's InceptionV3 port of the TF FID
 network, through torchmetrics). Without its weights (offline and not cached), the FID/KID
@@ -39,6 +46,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torchvision.transforms.functional import gaussian_blur
 
 from .c2st import MIN_PER_SIDE, classifier_two_sample_test
 from .config import DataConfig, perceptual_mode
@@ -57,6 +65,7 @@ from .metrics import (
     pca_reconstruct,
     psnr,
     reconstruction_scores,
+    sharpness_ratios,
     ssim_score,
     summarize,
 )
@@ -70,10 +79,10 @@ from .sampling import (
     fit_sampler,
     generate,
     interpolate,
-    save_grid,
 )
+from .texture_run import DECODERS, decoder_checkpoint
 from .tstr import LabelledImages, run_tstr
-from .viz import interleave_rows
+from .viz import image_grid, interleave_rows, save_png
 
 # Unconditional, then class-conditional (one fit per class, or the learned prior with labels, drawn
 # in the training class mix); learned_label_free is the learned prior's label-free model.
@@ -113,20 +122,29 @@ def _reconstruction_row(model: nn.Module, test_u8: torch.Tensor, test_labels: to
     return {"split": "test", "decoded": "posterior mean", **recon}, recons
 
 
-def _save_eval_grid(images: torch.Tensor, out_dir: Path, key: str, nrow: int = 8) -> str:
-    """out_dir/eval_KEY.png -> its path relative to the run folder (metrics.json "images")."""
-    save_grid(images, out_dir / f"eval_{key}.png", nrow=nrow)
-    return f"samples/eval_{key}.png"
+def _save_eval_grid(images: torch.Tensor, grids: dict, key: str, nrow: int = 8) -> str:
+    """The grid of ``images`` into ``grids`` as samples/eval_KEY.png -> that path relative to the run
+    folder (metrics.json "images"). Written by `_write_grids` once everything is computed, so a crash
+    leaves no new grids beside an old metrics.json."""
+    path = f"samples/eval_{key}.png"
+    grids[path] = image_grid(images, nrow=nrow)  # (1, H', W')
+    return path
+
+
+def _write_grids(grids: dict, run_dir: Path) -> None:
+    """Every grid `_save_eval_grid` collected, as a PNG under the run folder."""
+    for path, grid in grids.items():
+        save_png(grid, run_dir / path)
 
 
 def _reconstruction_pictures(model: nn.Module, test_u8: torch.Tensor, test_labels: torch.Tensor,
-                             recons: torch.Tensor, seed: int, out_dir: Path) -> tuple[dict, torch.Tensor]:
+                             recons: torch.Tensor, seed: int, grids: dict) -> tuple[dict, torch.Tensor]:
     """The reconstruction and interpolation grids -> ({name: path}, 8 originals above their 8 reconstructions)."""
     pick = _class_balanced_indices(test_labels, 16, seed)
     sheet = interleave_rows(as_float_images(test_u8[pick]), recons[pick])  # (32, 1, S, S)
     interpolation = _interpolation_sheet(model, test_u8, test_labels, steps=8, n_pairs=4, seed=seed)
-    pictures = {"reconstructions": _save_eval_grid(sheet, out_dir, "reconstructions"),
-                "interpolation": _save_eval_grid(interpolation, out_dir, "interpolation", nrow=10)}
+    pictures = {"reconstructions": _save_eval_grid(sheet, grids, "reconstructions"),
+                "interpolation": _save_eval_grid(interpolation, grids, "interpolation", nrow=10)}
     return pictures, sheet[:16]
 
 
@@ -272,15 +290,20 @@ def decoder_floor(model: nn.Module, train_mu: torch.Tensor, ref_b: torch.Tensor,
 
 def _domain_evaluation(domain_net, domain_info: dict, features_path, model: nn.Module, splits,
                        train_subset: torch.Tensor, train_mu: torch.Tensor, recons: torch.Tensor, n_gen: int, seed: int,
-                       device) -> tuple[dict, dict]:
-    """With an X-ray feature file: metrics.json's domain block (the real floors, the decoder's floor) and
-    the keyword arguments that make `_score_samples` score each sampler in that domain -> (block, kwargs)."""
+                       device) -> tuple[dict, dict, object]:
+    """With an X-ray feature file: metrics.json's domain block (the real floors, the decoder's floor), the
+    keyword arguments that make `_score_samples` score each sampler in that domain, and the decoder's
+    floor as a function ``floor_of(decoder, test_recons)`` (the same images and references for another
+    decoder, `smooth_decoder_block`) -> (block, kwargs, floor_of)."""
     size = domain_info["config"].image_size
     features = partial(extract_features, domain_net, image_size=size, device=device)  # images -> (N, D)
     floors, dom_test, dom_ref_a, ref_b = _domain_references(features, splits, train_subset, n_gen, seed)
+    floor_of = partial(decoder_floor, train_mu=train_mu, ref_b=ref_b, domain_net=domain_net, size=size,
+                       dom_ref_a=dom_ref_a, seed=seed, device=device)
     block = {**_domain_block(domain_net, domain_info, features_path, floors, len(splits.test.images), n_gen),
-             "decoder_floor": decoder_floor(model, train_mu, ref_b, recons, domain_net, size, dom_ref_a, seed, device)}
-    return block, {"domain_features": features, "domain_refs": (dom_test, dom_ref_a, floors["val_vs_train"]["n"])}
+             "decoder_floor": floor_of(model, test_recons=recons)}
+    scoring = {"domain_features": features, "domain_refs": (dom_test, dom_ref_a, floors["val_vs_train"]["n"])}
+    return block, scoring, floor_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,37 +362,40 @@ def _fit_sampler(name: str, model: nn.Module, seed: int, prior, train_mu, train_
 
 
 def _draw(name: str, model: nn.Module, prior, train_mu: Optional[torch.Tensor], train_labels: torch.Tensor,
-          n_gen: int, seed: int, batch_size: int) -> tuple[object, torch.Tensor, dict]:
-    """Fit one sampler and draw n_gen images -> (sampler, images (n_gen, 1, S, S), the start of its row:
-    what it is, its times, whether it is conditional)."""
+          n_gen: int, seed: int, batch_size: int) -> tuple[object, torch.Tensor, torch.Tensor, dict]:
+    """Fit one sampler and draw n_gen images -> (sampler, their latents (n_gen, *latent_shape), the
+    images (n_gen, 1, S, S), the start of its row: what it is, its times, whether it is conditional).
+    The latents, so another decoder can draw the very same samples (`smooth_decoder_block`)."""
     t0 = time.perf_counter()
     sampler = _fit_sampler(name, model, seed, prior, train_mu, train_labels)
     fit_seconds = time.perf_counter() - t0 if name not in LEARNED else prior.train_seconds
     labels = sampler_labels(name, train_labels, n_gen, seed)
     t0 = time.perf_counter()
-    images = generate(model, sampler, n_gen, torch.Generator().manual_seed(seed), batch_size, labels=labels)
+    kwargs = {} if labels is None else {"labels": labels}
+    latents = sampler.sample(n_gen, generator=torch.Generator().manual_seed(seed), **kwargs)  # as `generate` draws
+    images = decode_latents(model, latents, batch_size)
     row = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2),
            "sample_seconds": round(time.perf_counter() - t0, 2), "conditional": labels is not None}
-    return sampler, images, row
+    return sampler, latents, images, row
 
 
-def _class_grids(model: nn.Module, sampler, name: str, out_dir: Path, seed: int, batch_size: int) -> dict:
+def _class_grids(model: nn.Module, sampler, name: str, grids: dict, seed: int, batch_size: int) -> dict:
     """32 samples of each class from a class-conditional sampler -> {NAME_CLASS: samples/eval_NAME_CLASS.png}."""
     out = {}
     for k, cls in enumerate(CLASSES):
         labels = torch.full((32,), k, dtype=torch.long)
         images = generate(model, sampler, 32, torch.Generator().manual_seed(seed), batch_size, labels=labels)
         key = f"{name}_{cls.lower()}"
-        out[key] = _save_eval_grid(images, out_dir, key)
+        out[key] = _save_eval_grid(images, grids, key)
     return out
 
 
-def _sampler_pictures(name: str, model: nn.Module, sampler, images: torch.Tensor, conditional: bool, out_dir: Path,
+def _sampler_pictures(name: str, model: nn.Module, sampler, images: torch.Tensor, conditional: bool, grids: dict,
                       seed: int, batch_size: int) -> dict:
     """A sampler's grid of its first 64 images, and one per class for a class-conditional one -> {name: path}."""
-    pictures = {name: _save_eval_grid(images[:64], out_dir, name)}
+    pictures = {name: _save_eval_grid(images[:64], grids, name)}
     if conditional and name != "learned_label_free":
-        pictures.update(_class_grids(model, sampler, name, out_dir, seed, batch_size))
+        pictures.update(_class_grids(model, sampler, name, grids, seed, batch_size))
     return pictures
 
 
@@ -414,16 +440,19 @@ def _score_samples(name: str, images: torch.Tensor, train_u8: torch.Tensor, seed
 
 
 def _sampler_rows(names: Sequence[str], model: nn.Module, prior, train_mu: Optional[torch.Tensor],
-                  train_labels: torch.Tensor, n_gen: int, seed: int, batch_size: int, out_dir: Path,
-                  score) -> tuple[dict, dict, dict, dict]:
-    """Each sampler in turn: fit and draw (saving its grids), then score its images with ``score(name, images)``
-    -> ({name: row}, {name: fitted sampler}, {grid name: path}, {name: its first 8 images})."""
-    rows, fitted, pictures, tiles = {}, {}, {}, {}
+                  train_labels: torch.Tensor, n_gen: int, seed: int, batch_size: int, grids: dict,
+                  score, keep: Sequence[str] = ("learned",)) -> tuple[dict, dict, dict, dict, dict]:
+    """Each sampler in turn: fit and draw (collecting its grids), then score its images with ``score(name,
+    images)`` -> ({name: row}, {name: fitted sampler}, {grid name: path}, {name: its first 8 images},
+    {name in ``keep``: (latents, images)}: all it drew, for the sharpness block)."""
+    rows, fitted, pictures, tiles, drawn = {}, {}, {}, {}, {}
     for name in names:
-        sampler, images, row = _draw(name, model, prior, train_mu, train_labels, n_gen, seed, batch_size)
-        pictures.update(_sampler_pictures(name, model, sampler, images, row["conditional"], out_dir, seed, batch_size))
+        sampler, latents, images, row = _draw(name, model, prior, train_mu, train_labels, n_gen, seed, batch_size)
+        pictures.update(_sampler_pictures(name, model, sampler, images, row["conditional"], grids, seed, batch_size))
         rows[name], fitted[name], tiles[name] = {**row, **score(name, images)}, sampler, images[:8]
-    return rows, fitted, pictures, tiles
+        if name in keep:
+            drawn[name] = (latents, images)
+    return rows, fitted, pictures, tiles, drawn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,13 +556,116 @@ def c2st_block(model: nn.Module, splits, d: DataConfig, prior, n_gen: int, seed:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sharpness, and the smooth decoder beside the sharp one (spatialvae.texture_run)
+# ---------------------------------------------------------------------------------------------
+
+BLURS = ((0.5, 5), (1.0, 7))  # (sigma in px, kernel size): the blur references a decoder's detail is read against
+_SHARPNESS_NOTE = ("ratios generated / real of the mean spectral power in radial bands (units of Nyquist) and of "
+                   "the mean Laplacian variance, both sides 8-bit: 1 = as much fine detail as real images. "
+                   "reconstructions: the test split's (posterior mean) over their originals; learned: the learned "
+                   "prior's samples over the validation split; reference_real: the validation split over the test "
+                   "split (two real sets of other patients: how far from 1 real images land); blur_sigma_S: the "
+                   "test originals after a Gaussian blur of sigma S px, over themselves")
+
+
+def _decoder_sharpness(recons: torch.Tensor, test: torch.Tensor, learned: Optional[torch.Tensor],
+                       val: torch.Tensor) -> dict:
+    """One decoder's sharpness: its test reconstructions (N, 1, S, S) against their originals ``test``, and
+    its learned-prior samples (or None) against the validation split ``val``."""
+    return {"reconstructions": sharpness_ratios(recons, test),
+            "learned": sharpness_ratios(learned, val) if learned is not None and len(val) else None}
+
+
+def sharpness_references(test: torch.Tensor, val: torch.Tensor) -> dict:
+    """What real and slightly blurred images score: the validation split against the test split (None
+    without validation images), and the test images blurred (`BLURS`) against themselves."""
+    refs = {"reference_real": sharpness_ratios(val, test) if len(val) else None}
+    for sigma, k in BLURS:
+        refs[f"blur_sigma_{sigma:g}"] = sharpness_ratios(gaussian_blur(test, [k, k], [sigma, sigma]), test)
+    return refs
+
+
+def _smooth_decoder(run_dir: Path, decoder: str, device) -> tuple[Optional[nn.Module], Path]:
+    """The run's smooth decoder (best.pt) when the sharp one is evaluated and best.pt is there -> (model or
+    None, best.pt's path)."""
+    path = decoder_checkpoint(run_dir, "smooth")
+    if decoder != "sharp" or not path.is_file():
+        return None, path
+    return load_model(path, device)[0], path
+
+
+def smooth_decoder_block(smooth: nn.Module, path: Path, test_u8: torch.Tensor, test_labels: torch.Tensor,
+                         learned_latents: Optional[torch.Tensor], val: torch.Tensor, floor_of,
+                         batch_size: int) -> tuple[dict, torch.Tensor]:
+    """The smooth decoder's scores beside the sharp one's: test PSNR / SSIM / L1 (posterior mean, as the
+    reconstruction block), its sharpness for its reconstructions and for the learned prior's very
+    latents the sharp decoder drew, and its decoder floor with a features file (``floor_of``, see
+    `_domain_evaluation`) -> (block, its test reconstructions (N, 1, S, S))."""
+    rec, recons = reconstruction_metrics(smooth, test_u8, test_labels, batch_size)
+    learned = None if learned_latents is None else decode_latents(smooth, learned_latents, batch_size)
+    block = {"checkpoint": str(path), **{k: rec["overall"][k] for k in ("psnr_db", "ssim", "l1")},
+             "sharpness": _decoder_sharpness(recons, as_float_images(test_u8), learned, val),
+             "decoder_floor": floor_of(smooth, test_recons=recons) if floor_of is not None else None}
+    return block, recons
+
+
+def _texture_pictures(smooth: nn.Module, sharp: nn.Module, test_u8: torch.Tensor, test_labels: torch.Tensor,
+                      smooth_recons: torch.Tensor, sharp_recons: torch.Tensor, prior, seed: int, batch_size: int,
+                      grids: dict) -> dict:
+    """Before and after the texture stage, full size: 8 test originals above their smooth and then their
+    sharp reconstructions; with the learned prior, per class 8 latents decoded smooth (top row) and
+    sharp (bottom row) -> {name: path}."""
+    pick = _class_balanced_indices(test_labels, 8, seed)
+    sheet = torch.cat([as_float_images(test_u8[pick]), smooth_recons[pick], sharp_recons[pick]])  # (3k, 1, S, S)
+    pictures = {"texture_reconstructions": _save_eval_grid(sheet, grids, "texture_reconstructions", nrow=len(pick))}
+    if prior is None:
+        return pictures
+    for k, cls in enumerate(CLASSES):
+        labels = torch.full((8,), k, dtype=torch.long)
+        z = prior.sample(8, generator=torch.Generator().manual_seed(seed), labels=labels)  # (8, *latent_shape)
+        both = torch.cat([decode_latents(smooth, z, batch_size), decode_latents(sharp, z, batch_size)])
+        pictures[f"texture_learned_{cls}"] = _save_eval_grid(both, grids, f"texture_learned_{cls}")
+    return pictures
+
+
+def _sharpness_evaluation(model: nn.Module, decoder: str, smooth: Optional[nn.Module], smooth_path: Path, splits,
+                          recons: torch.Tensor, learned: Optional[tuple], prior, floor_of, seed: int,
+                          batch_size: int, grids: dict) -> tuple[dict, Optional[dict], dict]:
+    """metrics.json's sharpness block for the evaluated decoder, and with a sharp one the smooth decoder's
+    block and the before / after pictures -> (sharpness, smooth_decoder or None, {name: path}).
+    ``learned``: (latents, images) the learned prior drew for its row, or None."""
+    latents, images = learned if learned is not None else (None, None)
+    test, val = as_float_images(splits.test.images), as_float_images(splits.val.images)  # (N, 1, S, S)
+    sharpness = {"decoder": decoder, **_decoder_sharpness(recons, test, images, val),
+                 **sharpness_references(test, val), "note": _SHARPNESS_NOTE}
+    if decoder != "sharp":
+        return sharpness, None, {}
+    if smooth is None:
+        return sharpness, {"skipped": f"no smooth decoder to compare with ({smooth_path} is missing)"}, {}
+    block, smooth_recons = smooth_decoder_block(smooth, smooth_path, splits.test.images, splits.test.labels,
+                                                latents, val, floor_of, batch_size)
+    pictures = _texture_pictures(smooth, model, splits.test.images, splits.test.labels, smooth_recons, recons, prior,
+                                 seed, batch_size, grids)
+    return sharpness, block, pictures
+
+
+# ---------------------------------------------------------------------------------------------
 # The evaluation
 # ---------------------------------------------------------------------------------------------
 
 def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+    """The file a ``checkpoint`` name means: auto = sharp.pt when the run has one, else best.pt; sharp (an
+    error without one); smooth = best.pt; best; last; anything else is a path."""
+    if checkpoint == "auto" or checkpoint in DECODERS:
+        return decoder_checkpoint(run_dir, None if checkpoint == "auto" else checkpoint)
     if checkpoint in ("best", "last"):
         return run_dir / "checkpoints" / f"{checkpoint}.pt"
     return Path(checkpoint)
+
+
+def decoder_name(ckpt: dict) -> str:
+    """Which decoder a checkpoint holds: sharp for a texture stage's export (it records the stage), else smooth."""
+    return "sharp" if "texture" in ckpt else "smooth"
 
 
 def _load_feature_file(features_path) -> tuple:
@@ -557,11 +689,12 @@ def _evaluation_data(cfg, data_root, n_samples: Optional[int], progress: bool):
 
 def _run_header(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, model: nn.Module, device, splits, n_gen: int,
                 n_samples: Optional[int]) -> dict:
-    """What was evaluated: run, checkpoint, config, device, data and the number of samples."""
+    """What was evaluated: run, checkpoint (and its decoder), config, device, data and the number of samples."""
 
     return {
         "run_dir": str(run_dir),
         "checkpoint": {"path": str(ckpt_path), "epoch": int(ckpt.get("epoch", 0))},
+        "decoder": decoder_name(ckpt),
         "preset": cfg.preset,
         "architecture": cfg.model.architecture,
         "image_size": cfg.data.image_size,
@@ -587,14 +720,16 @@ _NOTES = {
 }
 
 
-def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None, checkpoint: str = "best",
+def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None, checkpoint: str = "auto",
                  n_samples: Optional[int] = None, features_path: str | os.PathLike | None = None,
                  device: torch.device | str | None = None, batch_size: int = 64, progress: bool = True,
                  inception: str = "auto", samplers: Optional[Sequence[str]] = None, seed: int = 0,
                  tstr_per_class: int = 300, tstr_repeats: int = 3, c2st: bool = True) -> dict:
     """Evaluate a run folder; writes ``run_dir/metrics.json`` (atomically) and returns its dict.
 
-    checkpoint: "best", "last" or a path to a .pt file. data_root: overrides the dataset folder
+    checkpoint: "auto" (the texture stage's sharp.pt when the run has one, else best.pt), "sharp" (an
+    error without one), "smooth" (best.pt), "best", "last" or a path to a .pt file; with the sharp
+    decoder, best.pt's scores come too (``smooth_decoder``). data_root: overrides the dataset folder
     stored in the run's config (the splits, image size and preprocessing stay the run's).
     n_samples: images generated per sampler (default: the size of the test split). inception:
     "auto" | "off" | path to the FID Inception weights (see `load_inception`). samplers: any of
@@ -610,44 +745,51 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     run_dir, device = Path(run_dir), default_device(device)
     ckpt_path = _checkpoint_path(run_dir, checkpoint)
     model, cfg, ckpt = load_model(ckpt_path, device)  # weights_only: nothing in the file is executed
+    decoder = decoder_name(ckpt)
+    smooth, smooth_path = _smooth_decoder(run_dir, decoder, device)  # None unless the sharp decoder is evaluated
     samplers, prior, prior_note = _select_samplers(run_dir, model, samplers)
     # Before the data and the model work: an explicit weights file that cannot be used fails fast.
     domain_net, domain_info = _load_feature_file(features_path)
     net, inception_weights, inception_reason = load_inception(inception)
     splits, n_gen = _evaluation_data(cfg, data_root, n_samples, progress)
     train_u8, test_u8, test_labels = splits.train.images, splits.test.images, splits.test.labels
-    out_dir = run_dir / "samples"
+    grids: dict = {}  # {samples/eval_*.png: grid}, written once everything is computed
 
     recon, recons = _reconstruction_row(model, test_u8, test_labels, batch_size)  # recons (n_test, 1, S, S)
-    pictures, recon_tiles = _reconstruction_pictures(model, test_u8, test_labels, recons, seed, out_dir)
+    pictures, recon_tiles = _reconstruction_pictures(model, test_u8, test_labels, recons, seed, grids)
     train_subset = seeded_subset(len(train_u8), n_gen, seed)
     reference, inception_test = _real_references(splits, train_subset, net, seed, batch_size, device, progress)
     train_mu = _training_latents(model, splits.train, samplers, domain_net is not None, batch_size, device, progress)
-    domain, domain_scoring = None, {}
+    domain, domain_scoring, floor_of = None, {}, None
     if domain_net is not None:
-        domain, domain_scoring = _domain_evaluation(domain_net, domain_info, features_path, model, splits, train_subset,
-                                                    train_mu, recons, n_gen, seed, device)
+        domain, domain_scoring, floor_of = _domain_evaluation(domain_net, domain_info, features_path, model, splits,
+                                                              train_subset, train_mu, recons, n_gen, seed, device)
     score = partial(_score_samples, train_u8=train_u8, seed=seed, batch_size=batch_size, device=device,
                     progress=progress, inception=net, inception_test=inception_test, **domain_scoring)
-    rows, fitted, sampler_pictures, tiles = _sampler_rows(samplers, model, prior, train_mu, splits.train.labels,
-                                                          n_gen, seed, batch_size, out_dir, score)
+    rows, fitted, sampler_pictures, tiles, drawn = _sampler_rows(samplers, model, prior, train_mu, splits.train.labels,
+                                                                 n_gen, seed, batch_size, grids, score)
     tstr = None
     if tstr_per_class > 0 and any(n in fitted for n in TSTR_SOURCES):
         tstr = tstr_block(model, fitted, splits, test_u8, tstr_per_class, seed, batch_size, progress, tstr_repeats)
     c2st_res = (c2st_block(model, splits, cfg.data, fitted.get("learned"), n_gen, seed, batch_size, device, progress)
                 if c2st else None)
+    sharpness, smooth_block, texture_pictures = _sharpness_evaluation(
+        model, decoder, smooth, smooth_path, splits, recons, drawn.get("learned"), prior, floor_of, seed, batch_size,
+        grids)
     metrics = {
         **_run_header(run_dir, ckpt_path, ckpt, cfg, model, device, splits, n_gen, n_samples),
         "reconstruction": recon,
         "floors": linear_floors(train_u8, test_u8, int(math.prod(model.latent_shape))),
         "inception": {"weights": inception_weights, **_INCEPTION_NOTES},
         "reference": reference, "domain": domain, "samplers": rows, "tstr": tstr, "c2st": c2st_res,
-        "images": {**pictures, **sampler_pictures}, "notes": _NOTES,
+        "sharpness": sharpness, **({"smooth_decoder": smooth_block} if smooth_block is not None else {}),
+        "images": {**pictures, **sampler_pictures, **texture_pictures}, "notes": _NOTES,
         **({"inception_unavailable": inception_reason} if inception_reason is not None else {}),
         **({"learned_prior_unavailable": prior_note} if prior_note is not None else {}),
     }
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
     tensors = {"reconstructions": recon_tiles, **tiles}
+    _write_grids(grids, run_dir)
     atomic_torch_save({k: (v * 255).round().to(torch.uint8) for k, v in tensors.items()}, eval_images_path(run_dir))
     return _write_metrics(run_dir, metrics)
 

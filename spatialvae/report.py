@@ -38,19 +38,70 @@ def _c2st_lines(c2st: Optional[dict]) -> list[str]:
         return ["", f"C2ST not computed: {c2st['skipped']}"]
     ref = c2st["reference"]
     lines = ["", f"| C2ST vs {ref['n']} real images never trained on ({ref['source']}): a small CNN tells them "
-                 "apart | held-out accuracy (0.5 = cannot) | std error | p vs 0.5 | n held out |",
-             "|---|---:|---:|---:|---:|"]
+                 "apart | held-out accuracy (0.5 = cannot) | std error | p vs 0.5 | ROC AUC (0.5 = cannot) | "
+                 "log-loss | n held out |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name in ("learned", "reconstructions"):
         r = c2st.get(name) or {}
         lines.append(f"| {name} | {fmt(r.get('accuracy'), '{:.3f}')} | {fmt(r.get('std_error'), '{:.3f}')} | "
-                     f"{fmt(r.get('p_value'), '{:.2g}')} | {fmt(r.get('n_heldout'), '{}')} |")
+                     f"{fmt(r.get('p_value'), '{:.2g}')} | {fmt(r.get('auc'), '{:.3f}')} | "
+                     f"{fmt(r.get('log_loss'), '{:.3f}')} | {fmt(r.get('n_heldout'), '{}')} |")
     return lines
 
 
+SHARPNESS_KEYS = ("power_0.25-0.5", "power_0.5-0.75", "power_0.75-1", "laplacian")
+
+
+def _sharpness_row(label: str, ratios: Optional[dict]) -> str:
+    r = ratios or {}
+    return f"| {label} | " + " | ".join(fmt(r.get(k), "{:.3f}") for k in SHARPNESS_KEYS) + " |"
+
+
+def _sharpness_lines(metrics: dict) -> list[str]:
+    """The sharpness ratios of the evaluated decoder (and the smooth one beside a sharp one), each figure
+    above the real-vs-real and blurred references it is read against."""
+    sh = metrics.get("sharpness")
+    if not sh:
+        return []
+    smooth = (metrics.get("smooth_decoder") or {}).get("sharpness")
+    decoders = [(sh["decoder"], sh)] + ([("smooth", smooth)] if smooth else [])
+    lines = ["", "| sharpness: fine detail over real (1 = as much as real) | power 0.25-0.5 Nyquist | 0.5-0.75 | "
+                 "0.75-1 | Laplacian variance |", "|---|---:|---:|---:|---:|"]
+    for name, d in decoders:
+        lines.append(_sharpness_row(f"{name} decoder: test reconstructions / their originals", d.get("reconstructions")))
+        if d.get("learned"):
+            lines.append(_sharpness_row(f"{name} decoder: learned-prior samples / validation images", d["learned"]))
+    lines.append(_sharpness_row("real: validation / test images (reference)", sh.get("reference_real")))
+    for key in sorted(k for k in sh if k.startswith("blur_sigma_")):
+        lines.append(_sharpness_row(f"test images blurred, sigma {key.removeprefix('blur_sigma_')} px / unblurred",
+                                    sh[key]))
+    return lines
+
+
+def _smooth_decoder_lines(metrics: dict) -> list[str]:
+    """The texture stage's before (best.pt) and after (the evaluated sharp.pt): test PSNR / SSIM and the decoder floor."""
+    sm = metrics.get("smooth_decoder")
+    if not sm:
+        return []
+    if "skipped" in sm:
+        return ["", f"smooth decoder not compared: {sm['skipped']}"]
+    rec = metrics["reconstruction"]["overall"]
+    floor = ((metrics.get("domain") or {}).get("decoder_floor") or {}).get("fd_vs_train")
+    smooth_floor = (sm.get("decoder_floor") or {}).get("fd_vs_train")
+    return ["", "| test reconstruction by decoder | SSIM | PSNR (dB) | L1 | decoder floor: domain FD vs train |",
+            "|---|---:|---:|---:|---:|",
+            f"| sharp (sharp.pt, after the texture stage; evaluated) | {fmt(rec['ssim'])} | "
+            f"{fmt(rec['psnr_db'], '{:.2f}')} | {fmt(rec['l1'])} | {fmt(floor, '{:.3f}')} |",
+            f"| smooth (best.pt, before it) | {fmt(sm['ssim'])} | {fmt(sm['psnr_db'], '{:.2f}')} | "
+            f"{fmt(sm.get('l1'))} | {fmt(smooth_floor, '{:.3f}')} |"]
+
+
 def metrics_table(metrics: dict) -> str:
-    """The headline numbers of a metrics.json as two markdown tables (reconstruction, samples)."""
+    """The headline numbers of a metrics.json as markdown tables: reconstruction, samples, and where
+    measured the domain features, the smooth decoder beside the sharp one, sharpness, TSTR and C2ST."""
     rec = metrics["reconstruction"]
-    lines = [f"checkpoint epoch {metrics['checkpoint']['epoch']} | {metrics['preset']} | "
+    decoder = f" ({metrics['decoder']} decoder)" if metrics.get("decoder") else ""
+    lines = [f"checkpoint epoch {metrics['checkpoint']['epoch']}{decoder} | {metrics['preset']} | "
              f"{metrics['image_size']} px | {metrics['perceptual_mode']}", "",
              "| test reconstruction | n | SSIM | PSNR (dB) | L1 |", "|---|---:|---:|---:|---:|"]
     for group in ("overall", *CLASSES):
@@ -106,6 +157,8 @@ def metrics_table(metrics: dict) -> str:
                          f"{fmt(d['kid_vs_train'])} | |")
             lines.append(f"| reconstructed test images (carry the test shift) | | | "
                          f"{fmt(d['test_reconstructions_fd_vs_train'], '{:.3f}')} | | |")
+    lines += _smooth_decoder_lines(metrics)
+    lines += _sharpness_lines(metrics)
     lines += _tstr_lines(metrics.get("tstr"))
     lines += _c2st_lines(metrics.get("c2st"))
     if metrics.get("learned_prior_unavailable"):

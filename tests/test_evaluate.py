@@ -5,6 +5,7 @@ empty folder and every download raises."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -123,10 +124,19 @@ def test_explicit_inception_path_must_be_usable(offline, tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_run(fake_smoke_run, tmp_path_factory):
-    """A copy of the session's smoke run on the tiny fake Kaggle tree (conftest), without its learned prior."""
+    """A copy of the session's smoke run on the tiny fake Kaggle tree (conftest), without its learned
+    prior and without a sharp decoder (should the smoke preset ever train one)."""
     run = copy_run(fake_smoke_run[0], tmp_path_factory.mktemp("smoke"))
     (run / "checkpoints" / "prior.pt").unlink()
+    (run / "checkpoints" / "sharp.pt").unlink(missing_ok=True)
     return run, fake_smoke_run[1]
+
+
+SHARPNESS_KEYS = {"power_0.25-0.5", "power_0.5-0.75", "power_0.75-1", "laplacian"}
+
+
+def _assert_ratios(r):
+    assert set(r) == SHARPNESS_KEYS and all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in r.values()), r
 
 
 def _evaluate(run, tree, **kw):
@@ -168,6 +178,13 @@ def test_evaluate_run_offline_writes_metrics_with_null_fid(smoke_run, offline):
     for key in ("reconstructions", "interpolation"):
         assert (run / m["images"][key]).is_file()
     assert m["checkpoint"]["path"].endswith("best.pt") and m["checkpoint"]["epoch"] >= 1
+    # Sharpness of the (smooth) decoder: no learned prior here, so no learned row; no sharp decoder, no comparison.
+    sh = m["sharpness"]
+    assert sh["decoder"] == m["decoder"] == "smooth" and sh["learned"] is None and "smooth_decoder" not in m
+    for key in ("reconstructions", "reference_real", "blur_sigma_0.5", "blur_sigma_1"):
+        _assert_ratios(sh[key])
+    assert sh["blur_sigma_1"]["laplacian"] < sh["blur_sigma_0.5"]["laplacian"] < 1
+    assert not any(k.startswith("texture") for k in m["images"]) and not list(run.glob("samples/eval_texture*"))
     assert m["preset"] == "smoke" and m["image_size"] == 32
     assert m["perceptual_mode"].startswith("perceptual term OFF") and m["seconds"] > 0
 
@@ -221,6 +238,8 @@ def test_evaluate_run_options(smoke_run, offline, monkeypatch):
         _evaluate(run, tree, features_path="features.pt")
     with pytest.raises(SpatialVAEError, match="unknown sampler"):
         _evaluate(run, tree, samplers=("vamp",))
+    with pytest.raises(SpatialVAEError, match="has no sharp decoder"):
+        _evaluate(run, tree, checkpoint="sharp")
 
 
 def test_evaluate_run_on_real_data_smoke_run(real_smoke_run, tmp_path, offline):
@@ -305,3 +324,90 @@ def test_evaluate_run_c2st_of_learned_samples_and_reconstructions(smoke_run, tmp
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["p_value"] <= 1 and r["reference"] == "train_unused"
         assert r["n_fake"] == r["n_real"] == c["reference"]["n"] and r["n_heldout"] >= 8 and r["seconds"] >= 0
     assert "| C2ST vs" in metrics_table(m) and "| reconstructions |" in metrics_table(m)
+
+
+# ---- the sharp decoder (texture stage) beside the smooth one -------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharp_run(fake_smoke_run, tmp_path_factory):
+    """A copy of the session's smoke run (with its learned prior) after a 4-step texture stage: sharp.pt
+    beside best.pt."""
+    from spatialvae.config import Config
+    from spatialvae.texture_run import fit_run_texture
+
+    run = copy_run(fake_smoke_run[0], tmp_path_factory.mktemp("sharp"))
+    cfg = Config.from_json(run / "config.json").with_overrides(["texture.steps=4", "texture.log_every=2",
+                                                                 "texture.batch_size=2"])
+    fit_run_texture(run, cfg, device="cpu", progress=False, log=lambda msg: None)
+    return run, fake_smoke_run[1]
+
+
+def _untrained_features_file(path):
+    """A features file around an untrained tiny extractor: enough for the domain FD's plumbing."""
+    from dataclasses import asdict
+
+    from spatialvae.features import FeatureNetConfig, XRayFeatureNet, save_feature_net
+
+    cfg = FeatureNetConfig(image_size=32, widths=(4, 8))
+    torch.manual_seed(0)
+    return save_feature_net(path, XRayFeatureNet(cfg.widths, cfg.dropout), {"config": asdict(cfg),
+                                                                            "test": {"accuracy": 0.5}})
+
+
+def test_evaluate_sharp_decoder_beside_the_smooth_one(sharp_run, tmp_path, offline, monkeypatch):
+    """The default on a run with sharp.pt: it is evaluated, and best.pt's figures come beside it; then
+    the smooth decoder alone (best.pt) gives those very figures."""
+    from PIL import Image
+
+    from spatialvae.report import metrics_table
+
+    monkeypatch.setattr(ev, "_class_grids", lambda *a, **k: {})  # the per-class sampler grids: tested elsewhere
+    run = sharp_run[0]
+    tree = _tree_with_more_training_images(tmp_path / "data")  # the plain tree's 2 validation images are too few for KID
+    features = _untrained_features_file(tmp_path / "features.pt")
+    kw = dict(inception="off", samplers=("learned",), tstr_per_class=0, c2st=False, features_path=features)
+    m = _evaluate(run, tree, **kw)
+    assert m["decoder"] == m["sharpness"]["decoder"] == "sharp" and m["checkpoint"]["path"].endswith("sharp.pt")
+    sh, sm = m["sharpness"], m["smooth_decoder"]
+    for key in ("reconstructions", "learned", "reference_real", "blur_sigma_0.5", "blur_sigma_1"):
+        _assert_ratios(sh[key])
+    _assert_ratios(sm["sharpness"]["reconstructions"])
+    _assert_ratios(sm["sharpness"]["learned"])
+    assert sm["sharpness"]["reconstructions"] != sh["reconstructions"]  # the head moved
+    assert sm["checkpoint"].endswith("best.pt") and 0 < sm["ssim"] <= 1 and math.isfinite(sm["psnr_db"])
+    assert set(sm["decoder_floor"]) == set(m["domain"]["decoder_floor"])
+    # Full size: 6 test images (the fake tree's) in 3 rows, 8 latents a class in 2 rows, 32 px tiles, 2 px padding.
+    for key, (cols, rows) in (("texture_reconstructions", (6, 3)), ("texture_learned_NORMAL", (8, 2)),
+                              ("texture_learned_PNEUMONIA", (8, 2))):
+        path = run / m["images"][key]
+        assert path.name == f"eval_{key}.png" and Image.open(path).size == (cols * 34 + 2, rows * 34 + 2)
+    table = metrics_table(m)
+    assert "| smooth (best.pt, before it) |" in table and "| sharpness" in table
+    assert "| smooth decoder: learned-prior samples / validation images |" in table
+
+    smooth = _evaluate(run, tree, checkpoint="smooth", **kw)
+    assert smooth["decoder"] == "smooth" and smooth["checkpoint"]["path"].endswith("best.pt")
+    assert "smooth_decoder" not in smooth and not any(k.startswith("texture") for k in smooth["images"])
+    rec = smooth["reconstruction"]["overall"]
+    assert (rec["psnr_db"], rec["ssim"], rec["l1"]) == (sm["psnr_db"], sm["ssim"], sm["l1"])
+    assert smooth["sharpness"]["reconstructions"] == sm["sharpness"]["reconstructions"]
+    assert smooth["sharpness"]["learned"] == sm["sharpness"]["learned"]  # the same latents, decoded smooth
+    assert smooth["domain"]["decoder_floor"] == sm["decoder_floor"]
+
+
+@pytest.mark.parametrize("flags, checkpoint", [([], "auto"), (["--decoder", "smooth"], "smooth"),
+                                               (["--decoder", "sharp"], "sharp"), (["--checkpoint", "last"], "last")])
+def test_evaluate_command_picks_the_decoder(flags, checkpoint, monkeypatch, capsys):
+    """`evaluate --decoder` / `--checkpoint` reach evaluate_run as its checkpoint (default: sharp.pt when present)."""
+    from spatialvae.cli import main
+
+    seen = {}
+
+    def fake_evaluate_run(run, checkpoint, **kw):
+        seen["checkpoint"] = checkpoint
+        raise SpatialVAEError("stop here")
+
+    monkeypatch.setattr(ev, "evaluate_run", fake_evaluate_run)
+    assert main(["evaluate", "--run", "RUN", *flags]) == 2 and seen == {"checkpoint": checkpoint}
+    assert main(["evaluate", "--run", "RUN", "--decoder", "smooth", "--checkpoint", "last"]) == 2
+    assert "not both" in capsys.readouterr().err
