@@ -426,6 +426,7 @@ def _smoke() -> Config:
     cfg.prior.width, cfg.prior.depth, cfg.prior.heads = 32, 1, 2  # the prior stage runs, in a second
     cfg.prior.steps, cfg.prior.batch_size, cfg.prior.log_every = 20, 16, 10
     cfg.prior.warmup_steps, cfg.prior.sample_steps = 5, 4
+    cfg.texture.steps, cfg.texture.log_every = 20, 10  # off, but a second when a test turns it on
     return cfg
 
 

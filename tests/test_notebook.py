@@ -45,6 +45,7 @@ def test_notebook_runs_headless_with_the_smoke_preset(notebook_data, tmp_path, m
     pytest.importorskip("nbclient")
     out = tmp_path / "runs"
     monkeypatch.setenv("SPATIALVAE_PRESET", "smoke")
+    monkeypatch.setenv("SPATIALVAE_TEXTURE", "true")  # the optional stage's cell runs too
     monkeypatch.setenv("SPATIALVAE_DATA", str(notebook_data.resolve()))
     monkeypatch.setenv("SPATIALVAE_OUT", str(out))
     monkeypatch.setenv("SPATIALVAE_PERCEPTUAL_WEIGHT", "0")  # no VGG weights on a CI machine: turned off, and said
@@ -64,6 +65,7 @@ def test_notebook_runs_headless_with_the_smoke_preset(notebook_data, tmp_path, m
 
     run = out / "notebook-smoke"
     assert (run / "history.png").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    assert (run / "checkpoints" / "sharp.pt").is_file()  # SPATIALVAE_TEXTURE=true ran the stage
     metrics = json.loads((run / "metrics.json").read_text())
     from spatialvae.config import get_preset
 
