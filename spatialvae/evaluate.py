@@ -563,9 +563,10 @@ BLURS = ((0.5, 5), (1.0, 7))  # (sigma in px, kernel size): the blur references 
 _SHARPNESS_NOTE = ("ratios generated / real of the mean spectral power in radial bands (units of Nyquist) and of "
                    "the mean Laplacian variance, both sides 8-bit: 1 = as much fine detail as real images. "
                    "reconstructions: the test split's (posterior mean) over their originals; learned: the learned "
-                   "prior's samples over the validation split; reference_real: the validation split over the test "
-                   "split (two real sets of other patients: how far from 1 real images land); blur_sigma_S: the "
-                   "test originals after a Gaussian blur of sigma S px, over themselves")
+                   "prior's samples over the validation split (its images in the training split's class mix); "
+                   "reference_real: those validation images over the test split (two real sets of other patients: "
+                   "how far from 1 real images land); blur_sigma_S: the test originals after a Gaussian blur of "
+                   "sigma S px, over themselves")
 
 
 def _decoder_sharpness(recons: torch.Tensor, test: torch.Tensor, learned: Optional[torch.Tensor],
@@ -635,7 +636,11 @@ def _sharpness_evaluation(model: nn.Module, decoder: str, smooth: Optional[nn.Mo
     block and the before / after pictures -> (sharpness, smooth_decoder or None, {name: path}).
     ``learned``: (latents, images) the learned prior drew for its row, or None."""
     latents, images = learned if learned is not None else (None, None)
-    test, val = as_float_images(splits.test.images), as_float_images(splits.val.images)  # (N, 1, S, S)
+    test = as_float_images(splits.test.images)  # (N, 1, S, S)
+    # The samples follow the training split's class mix and the classes differ in detail: the validation
+    # images they are read against follow the same mix.
+    val_pick = _val_in_train_mix(splits.val.labels, splits.train.labels, len(splits.val.labels), seed)
+    val = as_float_images(splits.val.images[val_pick])  # (M, 1, S, S)
     sharpness = {"decoder": decoder, **_decoder_sharpness(recons, test, images, val),
                  **sharpness_references(test, val), "note": _SHARPNESS_NOTE}
     if decoder != "sharp":
