@@ -206,6 +206,11 @@ class TextureConfig:
     disc_channels: int = 32  # width of the discriminator's first conv, doubled each layer
     disc_layers: int = 3  # stride-2 4x4 convs: a patch of 46 px at 3 layers
     disc_warmup_steps: int = 0  # discriminator-only steps first, so the head meets a critic that already sees
+    # The smooth decoder is already the best guess of everything the latent pins down; what it lacks is
+    # fine detail the latent cannot hold. This term keeps the sharp head's coarse image (a Gaussian blur
+    # of anchor_sigma px) on the smooth head's, so the critic buys texture, not shifted contrast or edges.
+    anchor_weight: float = 0.0  # L1 between blurred sharp and blurred smooth outputs (0: off)
+    anchor_sigma: float = 1.0  # px: detail finer than this is left to the critic
     log_every: int = 250  # steps between log lines and resumable saves
     seed: int = 0  # batches and any noise: a generator of the stage's own
 
@@ -214,8 +219,9 @@ class TextureConfig:
             _check(getattr(self, name) >= 1, f"texture.{name}", getattr(self, name), "at least 1")
         for name in ("lr", "disc_lr"):
             _check(getattr(self, name) > 0, f"texture.{name}", getattr(self, name), "a positive learning rate")
-        for name in ("adv_weight", "feature_match_weight", "disc_warmup_steps"):
+        for name in ("adv_weight", "feature_match_weight", "disc_warmup_steps", "anchor_weight"):
             _check(getattr(self, name) >= 0, f"texture.{name}", getattr(self, name), "0 or more")
+        _check(self.anchor_sigma > 0, "texture.anchor_sigma", self.anchor_sigma, "a blur width in px above 0")
         return self
 
 

@@ -16,11 +16,13 @@ continue a killed stage exactly.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from .config import Config
 from .data import as_float_images
@@ -58,22 +60,25 @@ class PatchDiscriminator(nn.Module):
 def head_inputs(model: nn.Module, images: torch.Tensor, head_blocks: int, hflip: bool, batch_size: int = 64,
                 progress: Optional[Callable[[int], None]] = None) -> dict:
     """The frozen part's output for each image (posterior mean, decoder body) and the image itself,
-    computed once -> {"h": (M, C, s, s), "skip": (M, 1, s', s') or None, "images": (M, S, S) uint8}
-    on the CPU, M = N (or 2N with ``hflip``: each image and its mirror, the recipe's augmentation)."""
+    computed once -> {"h": (M, C, s, s), "skip": (M, 1, s', s') or None, "images": (M, S, S) uint8,
+    "smooth": (M, 1, S, S) float16, the untrained head's output} on the CPU, M = N (or 2N with
+    ``hflip``: each image and its mirror, the recipe's augmentation)."""
     device = next(model.parameters()).device
     views = [images, images.flip(-1)] if hflip else [images]
-    hs, skips, originals = [], [], []
+    hs, skips, originals, smooth = [], [], [], []
     with eval_mode(model):
         for view in views:
             for s in range(0, len(view), batch_size):
                 x = as_float_images(view[s:s + batch_size]).to(device)  # (B, 1, S, S)
                 h, skip = model.decoder.body(model.encode(x)[0], head_blocks)
+                smooth.append(model.decoder.head(h, skip, head_blocks).half().cpu())
                 hs.append(h.float().cpu())
                 skips.append(None if skip is None else skip.float().cpu())
                 originals.append(view[s:s + batch_size])
                 if progress is not None:
                     progress(len(x))
-    return {"h": torch.cat(hs), "skip": None if skips[0] is None else torch.cat(skips), "images": torch.cat(originals)}
+    return {"h": torch.cat(hs), "skip": None if skips[0] is None else torch.cat(skips), "images": torch.cat(originals),
+            "smooth": torch.cat(smooth)}
 
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -108,12 +113,12 @@ class TextureStage:
         idx = torch.randint(0, len(inputs["images"]), (self.t.batch_size,), generator=self.gen)
         h = inputs["h"][idx].to(self.device)
         skip = None if inputs["skip"] is None else inputs["skip"][idx].to(self.device)
-        return h, skip, as_float_images(inputs["images"][idx]).to(self.device)
+        return h, skip, as_float_images(inputs["images"][idx]).to(self.device), inputs["smooth"][idx].to(self.device)
 
     def train_step(self, inputs: dict) -> dict:
         """One discriminator step and (after the warm-up) one head step -> the step's loss parts."""
         t = self.t
-        h, skip, real = self._batch(inputs)
+        h, skip, real, smooth = self._batch(inputs)
         self.model.decoder.train()
         fake = self.model.decoder.head(h, skip, t.head_blocks)  # (B, 1, S, S)
         real_logits, real_feats = self.disc(real)
@@ -124,23 +129,28 @@ class TextureStage:
         self.opt_d.step()
         parts = {"d_loss": d_loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
         if self.step >= t.disc_warmup_steps:
-            parts.update(self._head_step(fake, real, [f.detach() for f in real_feats]))
+            parts.update(self._head_step(fake, real, [f.detach() for f in real_feats], smooth.float()))
         self.step += 1
         return parts
 
-    def _head_step(self, fake: torch.Tensor, real: torch.Tensor, real_feats: list) -> dict:
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        k = 2 * math.ceil(3 * self.t.anchor_sigma) + 1  # +-3 sigma
+        return gaussian_blur(x, [k, k], [self.t.anchor_sigma, self.t.anchor_sigma])
+
+    def _head_step(self, fake: torch.Tensor, real: torch.Tensor, real_feats: list, smooth: torch.Tensor) -> dict:
         t = self.t
         zeros = torch.zeros(len(real), 1, device=self.device)
         rec, parts = self.loss_fn(fake, real, zeros, zeros, 0.0)  # L1 + 0.5 (1 - SSIM) (+ perceptual)
         logits, feats = self.disc(fake)
         adv = -logits.mean()  # hinge generator loss
         fm = sum(F.l1_loss(a, b) for a, b in zip(feats, real_feats)) / len(feats)
-        total = rec + t.adv_weight * adv + t.feature_match_weight * fm
+        anchor = F.l1_loss(self._blur(fake), self._blur(smooth)) if t.anchor_weight else fake.new_zeros(())
+        total = rec + t.adv_weight * adv + t.feature_match_weight * fm + t.anchor_weight * anchor
         self.opt_g.zero_grad(set_to_none=True)
         total.backward()
         self.opt_g.step()
         return {"rec": rec.item(), "recon": parts["recon"].item(), "ssim": parts["ssim"].item(), "adv": adv.item(),
-                "fm": fm.item(), "g_total": total.item()}
+                "fm": fm.item(), "anchor": anchor.item(), "g_total": total.item()}
 
     def fit(self, inputs: dict, after_step: Callable[["TextureStage", dict], None] = lambda stage, parts: None) -> None:
         """The remaining steps up to ``texture.steps``; ``after_step(self, parts)`` after each."""

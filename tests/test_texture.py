@@ -9,6 +9,7 @@ import torch
 from conftest import copy_run
 from spatialvae.cli import main
 from spatialvae.config import Config, get_preset
+from spatialvae.data import as_float_images
 from spatialvae.errors import ConfigError
 from spatialvae.losses import build_loss
 from spatialvae.model import build_model, check_buildable
@@ -63,6 +64,22 @@ def test_the_stage_trains_the_head_only_and_keeps_the_latent():
     assert changed and all(any(k.startswith(h) for h in head) for k in changed)
     assert any(k.startswith("decoder.conv_out.") for k in changed)
     assert stage.step == 3 and not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def test_cached_smooth_output_is_the_models_reconstruction_and_the_anchor_starts_at_zero():
+    cfg = get_preset("smoke").with_overrides({"texture.steps": 2, "texture.batch_size": 4,
+                                              "texture.anchor_weight": 1.0, "texture.adv_weight": 0.0})
+    model = _trained_like(cfg)
+    images = (torch.rand(5, 32, 32, generator=torch.Generator().manual_seed(3)) * 255).byte()
+    inputs = head_inputs(model, images, 1, hflip=False)
+    with torch.no_grad():
+        recon = model.decode(model.encode(as_float_images(images))[0])  # posterior mean, whole decoder
+    assert inputs["smooth"].shape == (5, 1, 32, 32) and inputs["smooth"].dtype == torch.float16
+    torch.testing.assert_close(inputs["smooth"].float(), recon, atol=1e-3, rtol=0)  # float16 rounding only
+    stage = TextureStage(model, build_loss(cfg), cfg)
+    first = stage.train_step(inputs)
+    assert first["anchor"] < 1e-3  # the untrained head draws the smooth image: nothing to pull back yet
+    assert stage.train_step(inputs)["anchor"] > first["anchor"]  # a step moved the head off it
 
 
 def test_a_stage_killed_after_a_save_resumes_to_the_same_weights(fake_smoke_run, tmp_path, monkeypatch):
@@ -123,6 +140,8 @@ def test_commands_pick_the_sharp_decoder_when_there_is_one(fake_smoke_run, tmp_p
     ({"texture.lr": 0}, "texture.lr=0"),
     ({"texture.disc_lr": -1}, "texture.disc_lr=-1"),
     ({"texture.adv_weight": -0.1}, "texture.adv_weight=-0.1"),
+    ({"texture.anchor_weight": -1.0}, "texture.anchor_weight=-1.0"),
+    ({"texture.anchor_sigma": 0.0}, "texture.anchor_sigma=0.0"),
     ({"texture.disc_layers": 0}, "texture.disc_layers=0"),
 ])
 def test_an_impossible_stage_is_refused_by_the_config(overrides, expected):
