@@ -206,11 +206,12 @@ class TextureConfig:
     disc_channels: int = 32  # width of the discriminator's first conv, doubled each layer
     disc_layers: int = 3  # stride-2 4x4 convs: a patch of 46 px at 3 layers
     disc_warmup_steps: int = 0  # discriminator-only steps first, so the head meets a critic that already sees
-    # The smooth decoder is already the best guess of everything the latent pins down; what it lacks is
-    # fine detail the latent cannot hold. This term keeps the sharp head's coarse image (a Gaussian blur
-    # of anchor_sigma px) on the smooth head's, so the critic buys texture, not shifted contrast or edges.
-    anchor_weight: float = 0.0  # L1 between blurred sharp and blurred smooth outputs (0: off)
-    anchor_sigma: float = 1.0  # px: detail finer than this is left to the critic
+    # The smooth decoder is already the best guess of everything the latent pins down (its error is
+    # largest at 0.25-0.5 of Nyquist, detail the critic would redraw at a cost in distortion); what
+    # it lacks is the finer detail the latent cannot hold. This term keeps the sharp head's image
+    # below anchor_cutoff of Nyquist on the smooth head's, so the critic buys texture above it.
+    anchor_weight: float = 0.0  # L1 of the low-passed difference, sharp head minus smooth head (0: off)
+    anchor_cutoff: float = 0.5  # of Nyquist: an ideal low-pass, so the band above it is the critic's alone
     log_every: int = 250  # steps between log lines and resumable saves
     seed: int = 0  # batches and any noise: a generator of the stage's own
 
@@ -221,7 +222,8 @@ class TextureConfig:
             _check(getattr(self, name) > 0, f"texture.{name}", getattr(self, name), "a positive learning rate")
         for name in ("adv_weight", "feature_match_weight", "disc_warmup_steps", "anchor_weight"):
             _check(getattr(self, name) >= 0, f"texture.{name}", getattr(self, name), "0 or more")
-        _check(self.anchor_sigma > 0, "texture.anchor_sigma", self.anchor_sigma, "a blur width in px above 0")
+        _check(0 < self.anchor_cutoff <= 1, "texture.anchor_cutoff", self.anchor_cutoff,
+               "a fraction of Nyquist in (0, 1]")
         return self
 
 

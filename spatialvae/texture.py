@@ -16,13 +16,11 @@ continue a killed stage exactly.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from .config import Config
 from .data import as_float_images
@@ -133,9 +131,12 @@ class TextureStage:
         self.step += 1
         return parts
 
-    def _blur(self, x: torch.Tensor) -> torch.Tensor:
-        k = 2 * math.ceil(3 * self.t.anchor_sigma) + 1  # +-3 sigma
-        return gaussian_blur(x, [k, k], [self.t.anchor_sigma, self.t.anchor_sigma])
+    def _low_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) -> its frequencies below ``anchor_cutoff`` of Nyquist only (an ideal radial filter)."""
+        h, w = x.shape[-2:]
+        fy, fx = torch.fft.fftfreq(h, device=x.device), torch.fft.rfftfreq(w, device=x.device)
+        keep = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() < 0.5 * self.t.anchor_cutoff  # (S, S // 2 + 1)
+        return torch.fft.irfft2(torch.fft.rfft2(x) * keep, s=(h, w))
 
     def _head_step(self, fake: torch.Tensor, real: torch.Tensor, real_feats: list, smooth: torch.Tensor) -> dict:
         t = self.t
@@ -144,7 +145,7 @@ class TextureStage:
         logits, feats = self.disc(fake)
         adv = -logits.mean()  # hinge generator loss
         fm = sum(F.l1_loss(a, b) for a, b in zip(feats, real_feats)) / len(feats)
-        anchor = F.l1_loss(self._blur(fake), self._blur(smooth)) if t.anchor_weight else fake.new_zeros(())
+        anchor = self._low_pass(fake - smooth).abs().mean() if t.anchor_weight else fake.new_zeros(())
         total = rec + t.adv_weight * adv + t.feature_match_weight * fm + t.anchor_weight * anchor
         self.opt_g.zero_grad(set_to_none=True)
         total.backward()

@@ -141,7 +141,8 @@ def test_commands_pick_the_sharp_decoder_when_there_is_one(fake_smoke_run, tmp_p
     ({"texture.disc_lr": -1}, "texture.disc_lr=-1"),
     ({"texture.adv_weight": -0.1}, "texture.adv_weight=-0.1"),
     ({"texture.anchor_weight": -1.0}, "texture.anchor_weight=-1.0"),
-    ({"texture.anchor_sigma": 0.0}, "texture.anchor_sigma=0.0"),
+    ({"texture.anchor_cutoff": 0.0}, "texture.anchor_cutoff=0.0"),
+    ({"texture.anchor_cutoff": 1.5}, "texture.anchor_cutoff=1.5"),
     ({"texture.disc_layers": 0}, "texture.disc_layers=0"),
 ])
 def test_an_impossible_stage_is_refused_by_the_config(overrides, expected):
@@ -163,3 +164,12 @@ def test_train_with_a_bad_stage_setting_is_one_line_and_writes_nothing(tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and err.count("error: ") == 1 and "texture.head_blocks=7" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_anchor_low_pass_keeps_a_cosine_below_the_cutoff_and_removes_one_above():
+    cfg = get_preset("smoke").with_overrides({"texture.anchor_weight": 1.0, "texture.anchor_cutoff": 0.5})
+    stage = TextureStage(_trained_like(cfg), build_loss(cfg), cfg)
+    n = torch.arange(32.0)
+    low = torch.cos(2 * torch.pi * 4 / 32 * n)[None, None, None, :].expand(1, 1, 32, 32)  # 0.25 of Nyquist
+    high = torch.cos(2 * torch.pi * 12 / 32 * n)[:, None].expand(32, 32)[None, None]  # 0.75 of Nyquist
+    torch.testing.assert_close(stage._low_pass(low + high), low, atol=1e-5, rtol=0)
