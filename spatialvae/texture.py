@@ -5,7 +5,9 @@ plausible chests has no grain, vessel markings or crisp rib edges. This stage (D
 freezes the encoder and the decoder body, so the latent, and the learned prior fitted to it, do
 not change, and trains only the decoder head (the last ``texture.head_blocks`` upsampling blocks
 and the output convs) with the run's reconstruction loss plus a hinge adversarial term from a
-small PatchGAN (latent-diffusion's NLayerDiscriminator, with GroupNorm). The frozen body's output
+small PatchGAN (latent-diffusion's NLayerDiscriminator, with GroupNorm), and an anchor that keeps
+the image below half of Nyquist on the untrained (smooth) head's, so the critic buys fine detail
+rather than redrawn coarse structure (docs/results/texture_stage_128.md). The frozen body's output
 for every training image is computed once (`head_inputs`), so a step costs only the head and the
 discriminator. The discriminator lives here, with the stage, never in the exported model.
 
