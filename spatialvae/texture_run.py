@@ -88,11 +88,12 @@ def fit_run_texture(run_dir, cfg: Config, splits=None, device=None, progress: bo
         else:
             log(f"texture stage: {state_path} is for another best.pt or other settings; training it again")
     stage = TextureStage(model, build_loss(cfg), cfg)
-    if state is not None:
-        stage.load_state_dict(state)
     t0 = time.perf_counter()
+    # Before the state is loaded: the anchor's target is the smooth head's output, not a half-trained one's.
     inputs = _cached_inputs(model, splits or make_datasets(cfg.data, seed=cfg.train.seed, progress=progress),
                             cfg, progress)
+    if state is not None:
+        stage.load_state_dict(state)
     log(f"texture stage: head ({cfg.texture.head_blocks} block(s) + output convs, "
         f"{sum(p.numel() for p in stage.head.parameters()):,} parameters) against a patch discriminator "
         f"({sum(p.numel() for p in stage.disc.parameters()):,}), {len(inputs['images'])} cached inputs in "
