@@ -108,6 +108,7 @@ class TextureStage:
         self.gen = torch.Generator().manual_seed(t.seed)
         self.step = 0
         self.history: list[dict] = []
+        self._keep: Optional[torch.Tensor] = None  # the anchor's low-pass mask
 
     def _batch(self, inputs: dict) -> tuple:
         idx = torch.randint(0, len(inputs["images"]), (self.t.batch_size,), generator=self.gen)
@@ -136,9 +137,10 @@ class TextureStage:
     def _low_pass(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) -> its frequencies below ``anchor_cutoff`` of Nyquist only (an ideal radial filter)."""
         h, w = x.shape[-2:]
-        fy, fx = torch.fft.fftfreq(h, device=x.device), torch.fft.rfftfreq(w, device=x.device)
-        keep = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() < 0.5 * self.t.anchor_cutoff  # (S, S // 2 + 1)
-        return torch.fft.irfft2(torch.fft.rfft2(x) * keep, s=(h, w))
+        if self._keep is None or self._keep.shape != (h, w // 2 + 1):  # built once, not every step
+            fy, fx = torch.fft.fftfreq(h, device=x.device), torch.fft.rfftfreq(w, device=x.device)
+            self._keep = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() < 0.5 * self.t.anchor_cutoff  # (S, S // 2 + 1)
+        return torch.fft.irfft2(torch.fft.rfft2(x) * self._keep, s=(h, w))
 
     def _head_step(self, fake: torch.Tensor, real: torch.Tensor, real_feats: list, smooth: torch.Tensor) -> dict:
         t = self.t
