@@ -25,6 +25,7 @@ UPSAMPLE_MODES = ("bilinear", "transposed")
 SHORTCUTS = ("space", "conv")
 DECODER_SKIPS = ("latent", "last")
 RECONS = ("l1", "mse")
+CRITIC_INPUTS = ("high_pass", "image")
 REDUCTIONS = ("mean", "sum")  # loss.pixel_reduction and loss.kl_reduction
 # The recipe read literally where this package's defaults depart from it (README, Configuration):
 # learned 1x1-conv skips from a random start, PyTorch's logvar init, and beta times the KL summed
@@ -195,23 +196,31 @@ class TextureConfig:
     # learns, against a patch discriminator, to draw the fine texture an L1 + SSIM decoder
     # averages away (DC-AE's phase 3). Its output is checkpoints/sharp.pt beside best.pt.
     enabled: bool = False  # off in seed: the recipe has no such stage; the CPU presets turn it on
-    steps: int = 400  # head and critic steps: at 128 px the detail grows after ~300 and PSNR falls 1 dB by 400
+    steps: int = 400  # head and critic steps: past the point where detail reaches a slightly blurred real image's, the drawn grain turns to noise
     batch_size: int = 8  # images a step
     hflip: bool = False  # True: the body's output is cached for each image and its mirror too (2x the cache time)
     head_blocks: int = 1  # decoder upsampling blocks trained with the output convs (1: the 64x64 block)
     lr: float = 2e-4  # Adam for the head: at 1e-4 the detail did not come within the step budget
-    disc_lr: float = 1e-3  # Adam for the critic, 5x the head's: at 1x the head overshot real detail (2.5x)
+    disc_lr: float = 1e-3  # Adam for the critic, 5x the head's: at 1x the head overshot real detail
     adv_weight: float = 0.05  # hinge adversarial term beside L1 + 0.5 (1 - SSIM)
     feature_match_weight: float = 0.0  # L1 between the discriminator's features of real and drawn images
     disc_channels: int = 32  # width of the discriminator's first conv, doubled each layer
     disc_layers: int = 3  # stride-2 4x4 convs: a patch of 46 px at 3 layers
     disc_warmup_steps: int = 0  # discriminator-only steps first, so the head meets a critic that already sees
+    # What the critic judges: "high_pass", only the image above anchor_cutoff of Nyquist (the band the
+    # head is free to draw), so it tells texture from texture; "image", the whole image, where it also
+    # sees the coarse errors the anchor forbids the head to fix, and the head answers with streaks
+    # along the ribs that the X-ray features read as unreal (docs/results/texture_stage_128.md).
+    critic_input: str = "high_pass"
     # The smooth decoder is already the best guess of everything the latent pins down (its error is
     # largest at 0.25-0.5 of Nyquist, detail the critic would redraw at a cost in distortion); what
     # it lacks is the finer detail the latent cannot hold. This term keeps the sharp head's image
     # below anchor_cutoff of Nyquist on the smooth head's, so the critic buys texture above it.
     anchor_weight: float = 10.0  # L1 of the low-passed difference, sharp minus smooth head (0: off; 25 held all detail back)
     anchor_cutoff: float = 0.5  # of Nyquist: an ideal low-pass, so the band above it is the critic's alone
+    # The head is exported as an EMA of its weights, as GANs' generators are (StyleGAN, DiT):
+    # the adversarial game swings the live head from step to step, and the average does not.
+    ema: float = 0.99  # per head step (0: the last step's weights)
     log_every: int = 100  # steps between log lines and resumable saves
     seed: int = 0  # batches and any noise: a generator of the stage's own
 
@@ -224,6 +233,9 @@ class TextureConfig:
             _check(getattr(self, name) >= 0, f"texture.{name}", getattr(self, name), "0 or more")
         _check(0 < self.anchor_cutoff <= 1, "texture.anchor_cutoff", self.anchor_cutoff,
                "a fraction of Nyquist in (0, 1]")
+        _check(0 <= self.ema < 1, "texture.ema", self.ema, "a decay in [0, 1)")
+        _check(self.critic_input in CRITIC_INPUTS, "texture.critic_input", self.critic_input,
+               " or ".join(CRITIC_INPUTS))
         return self
 
 
@@ -391,8 +403,9 @@ def _quick128() -> Config:
     cfg.train.phase2.lr = 2e-5
     cfg.train.phase2.plateau_patience = 1
     cfg.train.sample_every = 3
-    # The texture stage stays off: it meets the spectrum targets but raises the decoder floor's
-    # domain FD (README, the texture stage); --set texture.enabled=true runs it (about 3 minutes).
+    # The texture stage (a sharp decoder head beside the smooth one): at 16x compression the smooth
+    # decoder cannot draw the fine detail a 128 px X-ray has (docs/results/texture_stage_128.md).
+    cfg.texture.enabled = True
     return cfg
 
 

@@ -18,6 +18,7 @@ continue a killed stage exactly.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional
 
 import torch
@@ -99,6 +100,8 @@ class TextureStage:
         self.head = nn.ModuleList(model.decoder.head_modules(t.head_blocks))
         for p in self.head.parameters():
             p.requires_grad_(True)
+        # The exported head: an EMA of the head's weights, which smooths the GAN's step-to-step swings.
+        self.ema_head = copy.deepcopy(self.head).requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # the discriminator's init is the seed's, not the global stream's
             torch.manual_seed(t.seed)
             self.disc = PatchDiscriminator(t.disc_channels, t.disc_layers, model.decoder.out_channels).to(self.device)
@@ -122,8 +125,8 @@ class TextureStage:
         h, skip, real, smooth = self._batch(inputs)
         self.model.decoder.train()
         fake = self.model.decoder.head(h, skip, t.head_blocks)  # (B, 1, S, S)
-        real_logits, real_feats = self.disc(real)
-        fake_logits, _ = self.disc(fake.detach())
+        real_logits, real_feats = self.disc(self.critic_view(real))
+        fake_logits, _ = self.disc(self.critic_view(fake.detach()))
         d_loss = hinge_d_loss(real_logits, fake_logits)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
@@ -131,8 +134,20 @@ class TextureStage:
         parts = {"d_loss": d_loss.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
         if self.step >= t.disc_warmup_steps:
             parts.update(self._head_step(fake, real, [f.detach() for f in real_feats], smooth.float()))
+            self._update_ema()
         self.step += 1
         return parts
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        for e, p in zip(self.ema_head.parameters(), self.head.parameters()):
+            e.lerp_(p, 1.0 - self.t.ema)
+
+    @torch.no_grad()
+    def use_ema(self) -> None:
+        """Put the EMA weights into the model's head (what `sharp.pt` exports)."""
+        for e, p in zip(self.ema_head.parameters(), self.head.parameters()):
+            p.copy_(e)
 
     def _low_pass(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) -> its frequencies below ``anchor_cutoff`` of Nyquist only (an ideal radial filter)."""
@@ -142,11 +157,19 @@ class TextureStage:
             self._keep = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() < 0.5 * self.t.anchor_cutoff  # (S, S // 2 + 1)
         return torch.fft.irfft2(torch.fft.rfft2(x) * self._keep, s=(h, w))
 
+    def critic_view(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) -> what the critic judges: the image, or (``critic_input="high_pass"``) its part above
+        ``anchor_cutoff`` of Nyquist around mid-grey, x4, since that residual spans a few grey levels where
+        whole images span the range."""
+        if self.t.critic_input == "image":
+            return x
+        return (x - self._low_pass(x)) * 4 + 0.5
+
     def _head_step(self, fake: torch.Tensor, real: torch.Tensor, real_feats: list, smooth: torch.Tensor) -> dict:
         t = self.t
         zeros = torch.zeros(len(real), 1, device=self.device)
         rec, parts = self.loss_fn(fake, real, zeros, zeros, 0.0)  # L1 + 0.5 (1 - SSIM) (+ perceptual)
-        logits, feats = self.disc(fake)
+        logits, feats = self.disc(self.critic_view(fake))
         adv = -logits.mean()  # hinge generator loss
         fm = sum(F.l1_loss(a, b) for a, b in zip(feats, real_feats)) / len(feats)
         anchor = self._low_pass(fake - smooth).abs().mean() if t.anchor_weight else fake.new_zeros(())
@@ -166,12 +189,14 @@ class TextureStage:
             self.model.decoder.eval()
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "head": self.head.state_dict(), "disc": self.disc.state_dict(),
+        return {"step": self.step, "head": self.head.state_dict(), "ema_head": self.ema_head.state_dict(),
+                "disc": self.disc.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "gen": self.gen.get_state(),
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> "TextureStage":
         self.head.load_state_dict(state["head"])
+        self.ema_head.load_state_dict(state["ema_head"])
         self.disc.load_state_dict(state["disc"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])

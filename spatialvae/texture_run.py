@@ -101,6 +101,7 @@ def fit_run_texture(run_dir, cfg: Config, splits=None, device=None, progress: bo
     extra = {"kind": TEXTURE_KIND, "config": settings, "vae_epoch": vae_epoch}
     _fit_logged(stage, inputs, progress, log, save=lambda done: atomic_torch_save(
         {**stage.state_dict(), **extra, "done": done}, state_path))
+    stage.use_ema()
     exported = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "config": ckpt["config"],
                 "epoch": vae_epoch, "history": ckpt.get("history", []),
                 "texture": {"config": settings, "steps": stage.step, "history": stage.history}}

@@ -51,6 +51,9 @@ def test_quick128_is_the_seed_model_at_the_quick_budget():
     p1, p2 = q128.train.phase1, q128.train.phase2
     assert p1.cosine_t0 == p1.epochs and p2.beta_anneal_epochs < p2.epochs  # one cosine cycle; last epoch at 1e-3
     assert p2.beta_end == seed.train.phase2.beta_end and q128.prior.enabled
+    # the texture stage: on at the CPU's 128 px, off where the recipe is kept as written
+    assert q128.texture.enabled and not q.texture.enabled and not seed.texture.enabled
+    assert not get_preset("seed-literal").texture.enabled
 
 
 def test_partial_json_keeps_defaults():

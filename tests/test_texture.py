@@ -66,6 +66,26 @@ def test_the_stage_trains_the_head_only_and_keeps_the_latent():
     assert stage.step == 3 and not any(p.requires_grad for p in model.encoder.parameters())
 
 
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_the_exported_head_is_the_ema_of_the_trained_one(ema):
+    cfg = get_preset("smoke").with_overrides({"texture.steps": 3, "texture.batch_size": 4, "texture.ema": ema,
+                                              "texture.disc_warmup_steps": 1})
+    model = _trained_like(cfg)
+    images = (torch.rand(6, 32, 32, generator=torch.Generator().manual_seed(2)) * 255).byte()
+    inputs = head_inputs(model, images, 1, hflip=False)
+    stage = TextureStage(model, build_loss(cfg), cfg)
+    expected = [p.detach().clone() for p in stage.head.parameters()]
+    for _ in range(3):  # step 0 trains the critic alone: the head and its average stay put
+        stage.train_step(inputs)
+        expected = [ema * e + (1 - ema) * p.detach() for e, p in zip(expected, stage.head.parameters())]
+    live = [p.detach().clone() for p in stage.head.parameters()]
+    for e, a in zip(expected, stage.ema_head.parameters()):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-6)
+    assert any(not torch.equal(e, p) for e, p in zip(stage.ema_head.parameters(), live)) == (ema > 0)
+    stage.use_ema()
+    assert all(torch.equal(p, e) for p, e in zip(stage.head.parameters(), stage.ema_head.parameters()))
+
+
 def test_cached_smooth_output_is_the_models_reconstruction_and_the_anchor_starts_at_zero():
     cfg = get_preset("smoke").with_overrides({"texture.steps": 2, "texture.batch_size": 4,
                                               "texture.anchor_weight": 1.0, "texture.adv_weight": 0.0})
@@ -144,6 +164,9 @@ def test_commands_pick_the_sharp_decoder_when_there_is_one(fake_smoke_run, tmp_p
     ({"texture.anchor_cutoff": 0.0}, "texture.anchor_cutoff=0.0"),
     ({"texture.anchor_cutoff": 1.5}, "texture.anchor_cutoff=1.5"),
     ({"texture.disc_layers": 0}, "texture.disc_layers=0"),
+    ({"texture.ema": 1.0}, "texture.ema=1.0"),
+    ({"texture.ema": -0.1}, "texture.ema=-0.1"),
+    ({"texture.critic_input": "residual"}, "texture.critic_input='residual'"),
 ])
 def test_an_impossible_stage_is_refused_by_the_config(overrides, expected):
     with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
@@ -173,3 +196,15 @@ def test_the_anchor_low_pass_keeps_a_cosine_below_the_cutoff_and_removes_one_abo
     low = torch.cos(2 * torch.pi * 4 / 32 * n)[None, None, None, :].expand(1, 1, 32, 32)  # 0.25 of Nyquist
     high = torch.cos(2 * torch.pi * 12 / 32 * n)[:, None].expand(32, 32)[None, None]  # 0.75 of Nyquist
     torch.testing.assert_close(stage._low_pass(low + high), low, atol=1e-5, rtol=0)
+
+
+def test_the_high_pass_critic_sees_nothing_below_the_cutoff():
+    cfg = get_preset("smoke").with_overrides({"texture.critic_input": "high_pass", "texture.anchor_cutoff": 0.5})
+    stage = TextureStage(_trained_like(cfg), build_loss(cfg), cfg)
+    n = torch.arange(32.0)
+    low = 0.5 + 0.3 * torch.cos(2 * torch.pi * 4 / 32 * n)[None, None, None, :].expand(1, 1, 32, 32)
+    high = 0.01 * torch.cos(2 * torch.pi * 12 / 32 * n)[:, None].expand(32, 32)[None, None]
+    torch.testing.assert_close(stage.critic_view(low), torch.full_like(low, 0.5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(stage.critic_view(low + high), 0.5 + 4 * high, atol=1e-5, rtol=0)
+    whole = TextureStage(_trained_like(cfg), build_loss(cfg), cfg.with_overrides({"texture.critic_input": "image"}))
+    assert torch.equal(whole.critic_view(low + high), low + high)
