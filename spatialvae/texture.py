@@ -7,7 +7,10 @@ not change, and trains only the decoder head (the last ``texture.head_blocks`` u
 and the output convs) with the run's reconstruction loss plus a hinge adversarial term from a
 small PatchGAN (latent-diffusion's NLayerDiscriminator, with GroupNorm), and an anchor that keeps
 the image below half of Nyquist on the untrained (smooth) head's, so the critic buys fine detail
-rather than redrawn coarse structure (docs/results/texture_stage_128.md). The frozen body's output
+rather than redrawn coarse structure. The critic sees only the image above that cutoff, real and
+drawn alike, so it compares texture with texture instead of pushing the head to answer coarse
+errors it may not fix with streaks; the exported head is an EMA of the trained one
+(docs/results/texture_stage_128.md). The frozen body's output
 for every training image is computed once (`head_inputs`), so a step costs only the head and the
 discriminator. The discriminator lives here, with the stage, never in the exported model.
 
