@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from torchvision.transforms.functional import gaussian_blur
 
 from spatialvae.metrics import (

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import copy_run
+
 from spatialvae.cli import main
 from spatialvae.config import Config, get_preset
 from spatialvae.data import as_float_images
