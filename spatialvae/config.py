@@ -196,7 +196,7 @@ class TextureConfig:
     # learns, against a patch discriminator, to draw the fine texture an L1 + SSIM decoder
     # averages away (DC-AE's phase 3). Its output is checkpoints/sharp.pt beside best.pt.
     enabled: bool = False  # off in seed: the recipe has no such stage; quick128 turns it on
-    steps: int = 400  # head and critic steps: past the point where detail reaches a slightly blurred real image's, the drawn grain turns to noise
+    steps: int = 400  # head and critic steps: much past this the drawn grain turns to noise
     batch_size: int = 8  # images a step
     hflip: bool = False  # True: the body's output is cached for each image and its mirror too (2x the cache time)
     head_blocks: int = 1  # decoder upsampling blocks trained with the output convs (1: the 64x64 block)
