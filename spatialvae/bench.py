@@ -38,7 +38,7 @@ import torch
 
 from . import data as D
 from .config import Config, DataConfig, get_preset
-from .engine import autocast_context, default_device, train_step
+from .engine import StepTools, autocast_context, default_device, noise_generator, train_step
 from .errors import SpatialVAEError, short_reason
 from .losses import build_loss
 from .model import build_model, count_parameters
@@ -143,11 +143,12 @@ def _training_step(cfg: Config, s: StepSetting, dev: torch.device, batch: int, s
     if amp is not None and dev.type != "cuda":
         raise SpatialVAEError(f"{s.name}: autocast settings are measured on CUDA only")
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    params, beta = list(model.parameters()), final_beta(t)
+    beta = final_beta(t)
+    tools = StepTools(opt, scaler, list(model.parameters()), t.grad_clip, autocast=lambda: autocast_context(dev, amp),
+                      noise=noise_generator(seed, 0, dev))
 
     def step() -> float:
-        res = train_step(step_model, loss_fn, opt, scaler, x, beta, t.grad_clip, params,
-                         autocast=lambda: autocast_context(dev, amp))
+        res = train_step(step_model, loss_fn, x, beta, tools)
         return float(res.total)
     return step
 

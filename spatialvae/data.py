@@ -610,8 +610,8 @@ def make_dataloader(dataset: ChestXRayDataset, batch_size: int, train: bool, num
     in training unless a ``sampler`` decides the order (the trainer passes one seeded per epoch).
 
     The loader has its own generator (seed 0): each pass over a DataLoader draws a seed from its
-    generator, or from torch's global RNG when it has none, and the global RNG draws the posterior
-    noise, so without it every epoch's validation would shift the training noise. ``num_workers=0``
+    generator, or from torch's global RNG when it has none, so its order never depends on what else
+    drew from the global stream (the posterior noise has its own, see `engine.noise_generator`). ``num_workers=0``
     is the default because items are slices of an in-memory tensor: worker processes would only
     add inter-process copies (see `python -m spatialvae bench`).
     """

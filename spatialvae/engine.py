@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -86,21 +86,37 @@ class StepResult:
     skipped: Optional[str] = None  # why no update was made, or None
 
 
-def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, x: torch.Tensor, beta: float, grad_clip: float,
-               params: Iterable[torch.Tensor], autocast=nullcontext,
-               all_finite: Callable[[torch.Tensor], bool] = _finite) -> StepResult:
-    """One optimizer update on batch ``x``. ``autocast`` is a context factory (see
-    `autocast_context`); ``all_finite`` may all-reduce across DDP ranks so every rank skips together."""
-    with autocast():
-        recon, mu, logvar = model(x)
+@dataclass
+class StepTools:
+    """What one update needs beside the model, the loss and the batch; built once per trainer."""
+
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    params: list  # the parameters whose gradient norm is clipped
+    grad_clip: float
+    autocast: Callable = nullcontext  # a context factory (see `autocast_context`)
+    all_finite: Callable[[torch.Tensor], bool] = _finite  # may all-reduce across DDP ranks so all skip together
+    noise: Optional[torch.Generator] = None  # the posterior noise's own stream (see `noise_generator`)
+
+
+def noise_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """The stream a trainer draws its posterior noise from: one per rank, on the batch's device,
+    apart from torch's global stream, which data loaders and sample grids also draw from."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + 7919 * (rank + 1))
+
+
+def train_step(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, beta: float, tools: StepTools) -> StepResult:
+    """One optimizer update on batch ``x``."""
+    optimizer, scaler, all_finite = tools.optimizer, tools.scaler, tools.all_finite
+    with tools.autocast():
+        recon, mu, logvar = model(x, generator=tools.noise)
         total, parts = loss_fn(recon, x, mu, logvar, beta)
     if not all_finite(total):
         return StepResult(total.detach(), parts, f"loss is {float(total.detach())}")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(tools.params, tools.grad_clip)
     if not scaler.is_enabled() and not all_finite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(total.detach(), parts, f"gradient norm is {float(grad_norm)}")

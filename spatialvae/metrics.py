@@ -310,8 +310,7 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, kid_subsets: 
 
 
 def _image_batches(data, batch_size: int):
-    """Batches of images from a tensor (sliced) or from an (image, label) dataset; neither draws from
-    torch's global RNG, so scoring during training leaves the posterior noise as it was."""
+    """Batches of images from a tensor (sliced) or from an (image, label) dataset, in order."""
     if torch.is_tensor(data):
         return (data[s:s + batch_size] for s in range(0, len(data), batch_size))
     return (x for x, _ in make_dataloader(data, batch_size, train=False))

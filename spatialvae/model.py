@@ -450,17 +450,20 @@ class _VAEBase(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """z = mu + sigma * eps, eps ~ N(0, I); logvar clamped so exp() cannot overflow."""
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """z = mu + sigma * eps, eps ~ N(0, I) from ``generator`` (None: torch's global stream);
+        logvar clamped so exp() cannot overflow."""
         std = torch.exp(0.5 * clamp_logvar(logvar))
         # Noise drawn in the logical (contiguous) order, so channels_last draws the same values.
-        return mu + std * torch.randn(std.shape, device=std.device, dtype=std.dtype)
+        return mu + std * torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True):
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None):
         """x (B, C, H, W) in [0, 1] -> (recon, mu, logvar). sample_posterior=False decodes mu
-        (deterministic reconstructions for grids and metrics)."""
+        (deterministic reconstructions for grids and metrics); ``generator`` draws the posterior
+        noise (the trainer owns one, so no other loop's draws can change training)."""
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar) if sample_posterior else mu
+        z = self.reparameterize(mu, logvar, generator) if sample_posterior else mu
         return self.decode(z), mu, logvar
 
     @torch.no_grad()

@@ -36,11 +36,13 @@ from . import distributed
 from .config import Config, PhaseConfig, TrainConfig, perceptual_mode
 from .data import make_dataloader
 from .engine import (
+    StepTools,
     amp_dtype_for,
     autocast_context,
     default_device,
     eval_mode,
     gpu_warning,
+    noise_generator,
     seed_everything,
     train_step,
 )
@@ -137,6 +139,10 @@ class Trainer:
         self.nonfinite_total, self._bad_in_a_row = 0, 0
         self._rank_rngs: Optional[list[dict]] = None  # under DDP: each rank's random streams at the last epoch end
         self._sample_gen_seed = t.seed + 12345  # fixed draws: grids from epoch to epoch are comparable
+        self.noise = noise_generator(t.seed, self.rank, self.device)  # checkpointed with the rank's streams
+        self.step_tools = StepTools(
+            self.optimizer, self.scaler, [p for p in self.raw_model.parameters() if p.requires_grad], t.grad_clip,
+            autocast=self._autocast, all_finite=lambda v: distributed.all_true(v.isfinite().all()), noise=self.noise)
 
     def _place_model(self, model: nn.Module) -> None:
         """``raw_model`` on the device (channels_last if asked); ``model`` is what runs: DDP / compiled."""
@@ -176,12 +182,10 @@ class Trainer:
         self.model.train()
         self.loss_fn.train()
         sums, n_seen = {}, 0
-        params = [p for p in self.raw_model.parameters() if p.requires_grad]
         bar = progress_bar(self.train_loader, f"epoch {self.epoch + 1}/{total_epochs(self.cfg.train)}", self.progress)
         for step, (x, _) in enumerate(bar):
             x = self._to_device(x)
-            res = train_step(self.model, self.loss_fn, self.optimizer, self.scaler, x, beta, self.cfg.train.grad_clip,
-                             params, autocast=self._autocast, all_finite=lambda v: distributed.all_true(v.isfinite().all()))
+            res = train_step(self.model, self.loss_fn, x, beta, self.step_tools)
             if res.skipped:
                 self._skip_step(res.skipped)
                 continue
@@ -285,7 +289,7 @@ class Trainer:
                              or self.epoch == total_epochs(self.cfg.train)):
             self.save_samples()
         if self.world_size > 1:
-            self._rank_rngs = distributed.gather(rng_state())
+            self._rank_rngs = distributed.gather(rng_state(self.noise))
         if not self.is_main:
             return
         write_history_csv(self.history, self.run_dir / "history.csv")
@@ -314,7 +318,7 @@ class Trainer:
             "best_val": self.best_val,
             "nonfinite_total": self.nonfinite_total,
             "config": self.cfg.to_dict(),
-            "rng": {"world_size": self.world_size, "ranks": self._rank_rngs or [rng_state()]},
+            "rng": {"world_size": self.world_size, "ranks": self._rank_rngs or [rng_state(self.noise)]},
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -342,7 +346,7 @@ class Trainer:
         self.history = list(ckpt["history"])
         self.best_val = float(ckpt["best_val"])
         self.nonfinite_total = int(ckpt.get("nonfinite_total", 0))
-        set_rng_state(own_rng)
+        set_rng_state(own_rng, self.noise)
         return self
 
 
@@ -426,13 +430,16 @@ def rank_rng(rng: dict, path, world_size: int, rank: int) -> dict:
     return rng["ranks"][rank]
 
 
-def rng_state() -> dict:
-    """This process's global random streams: what draws the posterior noise."""
-    return {"torch": torch.get_rng_state(),
+def rng_state(noise: torch.Generator) -> dict:
+    """This process's random streams: the posterior noise's own, and torch's global ones."""
+    return {"noise": noise.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_state(rng: dict) -> None:
+def set_rng_state(rng: dict, noise: torch.Generator) -> None:
+    """Restore `rng_state`; a checkpoint written before the noise had its own stream keeps the seeded one."""
+    if "noise" in rng:
+        noise.set_state(rng["noise"])
     if "torch" in rng:
         torch.set_rng_state(rng["torch"])
     if rng.get("cuda") and torch.cuda.is_available():
