@@ -14,12 +14,13 @@ import json
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from . import __version__
 from .config import PRESETS, Config, DataConfig, get_preset
-from .errors import ConfigError, SpatialVAEError, WeightsError
+from .errors import ConfigError, SpatialVAEError, WeightsError, on_disk_full
 from .variants import VARIANT_NAMES, ablation_base
 
 # ---- argument checks: argparse prints the usage and one error line, exits 2, before any work ------
@@ -194,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import make_datasets
     from .losses import build_loss
     from .model import check_buildable
-    from .runs import create_run_dir, make_logger
+    from .runs import create_run_dir
     from .training import build_trainer
 
     cfg = _load_train_config(args)
@@ -209,31 +210,38 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_dir = Path(args.resume)
         else:
             run_dir = Path(distributed.run_on_main(lambda: str(create_run_dir(args.out, args.name or cfg.preset))))
-        log = make_logger(run_dir if rank == 0 else None)
         trainer = build_trainer(cfg, splits.train, splits.val, run_dir, device=device, progress=not args.quiet,
                                 resume=bool(args.resume), loss=loss,
                                 monitor_data=splits.test if args.monitor_test else None)
         t0 = time.perf_counter()
-        history = trainer.fit()
+        trainer.fit()
         if rank == 0:
-            best = min((h["val_select"] for h in history if "val_select" in h), default=float("nan"))
-            log.info(f"done: {run_dir} | {len(history)} epochs, best val loss (final beta) {best:.4f} | "
-                     f"{time.perf_counter() - t0:.0f} s this session")
-            if cfg.texture.enabled:  # the sharp decoder head: resumes like the rest, kept once finished
-                from .texture_run import fit_run_texture
-
-                t1 = time.perf_counter()
-                fit_run_texture(run_dir, cfg, splits, device, progress=not args.quiet, log=log.info)
-                log.info(f"texture stage: {time.perf_counter() - t1:.0f} s this session")
-            if cfg.prior.enabled:  # the short last stage: resumes like the rest, skipped once finished
-                from .prior_run import fit_run_prior, prior_path
-
-                t1 = time.perf_counter()
-                fit_run_prior(run_dir, cfg, splits, device, progress=not args.quiet, log=log.info)
-                log.info(f"latent prior: {prior_path(run_dir)} | {time.perf_counter() - t1:.0f} s this session")
+            _after_training(trainer, splits, args.quiet, t0)
     finally:
         distributed.shutdown()
     return 0
+
+
+def _after_training(trainer, splits, quiet: bool, t0: float) -> None:
+    """Rank 0, once both phases are done: the summary line, the texture stage and the learned prior.
+    Each stage's full disk names its own file; the rest (train.log) names the run's last checkpoint."""
+    cfg, run_dir, log = trainer.cfg, trainer.run_dir, trainer.log
+    with trainer.on_disk_full(trainer.epoch):
+        best = min((h["val_select"] for h in trainer.history if "val_select" in h), default=float("nan"))
+        log.info(f"done: {run_dir} | {len(trainer.history)} epochs, best val loss (final beta) {best:.4f} | "
+                 f"{time.perf_counter() - t0:.0f} s this session")
+        if cfg.texture.enabled:  # the sharp decoder head: resumes like the rest, kept once finished
+            from .texture_run import fit_run_texture
+
+            t1 = time.perf_counter()
+            fit_run_texture(run_dir, cfg, splits, trainer.device, progress=not quiet, log=log.info)
+            log.info(f"texture stage: {time.perf_counter() - t1:.0f} s this session")
+        if cfg.prior.enabled:  # the short last stage: resumes like the rest, skipped once finished
+            from .prior_run import fit_run_prior, prior_path
+
+            t1 = time.perf_counter()
+            fit_run_prior(run_dir, cfg, splits, trainer.device, progress=not quiet, log=log.info)
+            log.info(f"latent prior: {prior_path(run_dir)} | {time.perf_counter() - t1:.0f} s this session")
 
 
 def _warn_missing_classes(labels, rank: int) -> None:
@@ -422,7 +430,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     repeats=args.repeats, settings=settings, perceptual=perceptual, kaggle_n=args.kaggle_n,
                     skip_data=args.skip_data, progress=not args.quiet)
     print(bench_table(res))
-    out = atomic_write_bytes(args.out, (json.dumps(res, indent=2) + "\n").encode())  # makes the folder
+    with on_disk_full("the figures are in the table above", "free space (or pass --out on a disk with room), "
+                      "then run bench again"):
+        out = atomic_write_bytes(args.out, (json.dumps(res, indent=2) + "\n").encode())  # makes the folder
     print(f"\nwrote {out}")
     return 0
 
@@ -437,11 +447,13 @@ def _bench_curve(args: argparse.Namespace) -> int:
 
     res = time_to_quality(args.curve)
     out = Path(args.out).with_name("time_to_quality.json") if args.out == "runs/bench.json" else Path(args.out)
-    time_to_quality_figure(res["curves"], out.with_suffix(".png"), floors=res["floors"])
-    atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
     table = time_to_quality_table(res)
-    atomic_write_bytes(out.with_suffix(".md"), (table + "\n").encode())
     print(table)
+    with on_disk_full("the table is above, and the runs are untouched", "free space (or pass --out on a disk "
+                      "with room), then run bench --curve again"):
+        time_to_quality_figure(res["curves"], out.with_suffix(".png"), floors=res["floors"])
+        atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
+        atomic_write_bytes(out.with_suffix(".md"), (table + "\n").encode())
     print(f"\nwrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')}")
     return 0
 
@@ -604,9 +616,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings print as one ``warning: ...`` line like the CLI's own, without Python's source line."""
+    saved = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _one_line_warnings():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except SpatialVAEError as e:

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.std import tqdm
 
 from .config import DataConfig
-from .errors import DatasetError, short_reason
+from .errors import DatasetError, WriteError, short_reason
 from .runs import atomic_write
 
 CLASSES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
@@ -410,11 +410,14 @@ def _save_cache(path: Path, split: PreprocessedSplit) -> None:
 
 
 _MEMO: dict[str, PreprocessedSplit] = {}  # in-process: train and val datasets share one decode
+_UNWRITABLE: set[Path] = set()  # cache folders a write failed in, this process: not tried again
 
 
 def clear_memo() -> None:
-    """Forget the in-process decodes: the next `load_split` reads the cache file (or decodes)."""
+    """Forget the in-process decodes (the next `load_split` reads the cache file or decodes) and which
+    cache folders could not be written."""
     _MEMO.clear()
+    _UNWRITABLE.clear()
 
 
 def load_split(entries: Sequence[FileEntry], image_size: int, clahe_clip: float = 2.0, clahe_tiles: int = 8,
@@ -443,13 +446,24 @@ def load_split(entries: Sequence[FileEntry], image_size: int, clahe_clip: float 
         patients=[e.patient for e, _ in ok], orig_sizes=np.array([r[1] for _, r in ok], dtype=np.int32).reshape(-1, 2),
         orig_modes=[r[2] for _, r in ok], skipped=skipped)
     if use_cache:
-        try:
-            _save_cache(cache_path, split)
-        except OSError as e:  # read-only or full disk: the run still works, only slower next time
-            warnings.warn(f"could not write the preprocessing cache {cache_path} ({e}); set data.cache_dir "
-                          "or $SPATIALVAE_CACHE to a writable folder to skip decoding next time")
+        _try_save_cache(cache_path, split)
         _MEMO[key] = split
     return split
+
+
+def _try_save_cache(path: Path, split: PreprocessedSplit) -> None:
+    """A cache that cannot be written (read-only or full disk) is one warning, not an error: the run
+    works from memory, only the next one decodes again. The other splits then do not try that folder,
+    so the warning comes once, and no time goes into files that would not fit."""
+    if path.parent in _UNWRITABLE:
+        return
+    try:
+        _save_cache(path, split)
+    except WriteError as e:
+        _UNWRITABLE.add(path.parent)
+        warnings.warn(f"could not write the preprocessing cache {path} ({e.reason}); this run goes on from "
+                      "memory and the next one decodes again; free space, or set data.cache_dir or "
+                      "$SPATIALVAE_CACHE to a writable folder with room")
 
 
 class _OpenCVForkSafe:

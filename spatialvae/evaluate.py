@@ -52,7 +52,7 @@ from .c2st import MIN_PER_SIDE, classifier_two_sample_test
 from .config import DataConfig, perceptual_mode
 from .data import CLASSES, as_float_images, load_split, make_datasets, seeded_subset, unused_train_files
 from .engine import default_device
-from .errors import SpatialVAEError, short_reason
+from .errors import SpatialVAEError, on_disk_full, short_reason
 from .features import domain_fd_kid, extract_features, feature_dim_ok, load_feature_net
 from .metrics import (
     duplicate_count,
@@ -794,9 +794,18 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     }
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
     tensors = {"reconstructions": recon_tiles, **tiles}
-    _write_grids(grids, run_dir)
-    atomic_torch_save({k: (v * 255).round().to(torch.uint8) for k, v in tensors.items()}, eval_images_path(run_dir))
-    return _write_metrics(run_dir, metrics)
+    return _write_results(run_dir, grids, tensors, metrics)
+
+
+def _write_results(run_dir: Path, grids: dict, tensors: dict, metrics: dict) -> dict:
+    """The grids, eval_images.pt and metrics.json, metrics last: a write that fails leaves the previous
+    metrics.json, and the one line says so (the measurements themselves are lost with the process)."""
+    with on_disk_full(f"the run's checkpoints are untouched and {run_dir / 'metrics.json'} is as before",
+                      f"free space, then `python -m spatialvae evaluate --run {run_dir}` again"):
+        _write_grids(grids, run_dir)
+        atomic_torch_save({k: (v * 255).round().to(torch.uint8) for k, v in tensors.items()},
+                          eval_images_path(run_dir))
+        return _write_metrics(run_dir, metrics)
 
 
 def _json_safe(x):

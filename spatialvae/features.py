@@ -31,7 +31,7 @@ from tqdm.std import tqdm
 from .config import DataConfig
 from .data import as_float_images, make_datasets
 from .engine import default_device, seed_everything
-from .errors import CheckpointError, SpatialVAEError, short_reason
+from .errors import CheckpointError, SpatialVAEError, on_disk_full, short_reason
 from .metrics import fid_kid
 from .runs import atomic_torch_save
 
@@ -296,7 +296,10 @@ def build_features_file(data_root, out: str | os.PathLike, image_size: int = 64,
                      "n_train": len(train_x), "n_test": len(test_x)}
     info["sanity"] = sanity_check(net, train_x, test_x, cfg.image_size, seed)
     info["data_root"] = str(splits.train.plan.root)
-    save_feature_net(out, net, info)
+    with on_disk_full(f"nothing was written to {out} (a file there before is as it was)",
+                      "free space (or pass --out on a disk with room), then run `python -m spatialvae features` "
+                      "again"):
+        save_feature_net(out, net, info)
     return info
 
 

@@ -20,7 +20,7 @@ from tqdm.std import tqdm
 from .config import Config
 from .data import make_datasets
 from .engine import default_device
-from .errors import CheckpointError, SpatialVAEError, short_reason
+from .errors import CheckpointError, SpatialVAEError, on_disk_full, short_reason
 from .prior import N_CLASSES, LearnedPrior, PriorFit, flow_matching_loss
 from .runs import atomic_torch_save, load_model
 from .sampling import encode_originals
@@ -146,9 +146,11 @@ def fit_run_prior(run_dir, cfg=None, splits=None, device=None, progress: bool = 
     extra = {"vae_checkpoint": str(ckpt_path), "vae_epoch": int(ckpt.get("epoch", 0))}
     log(f"latent prior: flow matching on {len(lat['train'])} latents of shape {tuple(model.latent_shape)}, "
         f"{cfg.prior.steps} steps of {cfg.prior.batch_size}")
-    return fit_logged(LearnedPrior(cfg.prior), lat["train"], lat["train_labels"], lat.get("val"),
-                      lat.get("val_labels"), progress=progress, log=log, state=state,
-                      save=lambda s: atomic_torch_save({**s, **extra}, path))
+    with on_disk_full(f"{ckpt_path} and the rest of the run are kept, and {path.name} holds the prior's last save, "
+                      "if any", f"free space, then `python -m spatialvae prior --run {run_dir}` continues it"):
+        return fit_logged(LearnedPrior(cfg.prior), lat["train"], lat["train_labels"], lat.get("val"),
+                          lat.get("val_labels"), progress=progress, log=log, state=state,
+                          save=lambda s: atomic_torch_save({**s, **extra}, path))
 
 
 __all__ = ["prior_path", "load_prior", "run_latents", "val_loss", "fit_logged", "fit_run_prior"]

@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable, Optional
 import torch
 
 from .config import LITERAL_SETTINGS, Config
-from .errors import CheckpointError, SpatialVAEError, short_reason
+from .errors import CheckpointError, SpatialVAEError, short_reason, write_error
 from .model import build_model
 
 # 2: the departures from the literal recipe became the defaults; 3: model.decoder_skip
@@ -47,14 +47,14 @@ _OLD_DEFAULTS = {2: _nested(LITERAL_SETTINGS), 3: {"model": {"decoder_skip": "la
 # ---- atomic files ------------------------------------------------------------------------------
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(f)`` on a temp file next to ``path``, then move it into place atomically.
-    A path that cannot be written (a folder or file in the way, no permission, disk full) is one
-    `SpatialVAEError`; whatever was at ``path`` before is left as it was."""
+    A path that cannot be written (a folder or file in the way, no permission, a full disk) is one
+    `WriteError` (`DiskFullError` for space, quota, I/O: see `errors.write_error`); whatever was at
+    ``path`` before is left as it was, and the temp file is removed."""
     path = Path(path)
     try:
         _write_via_temp(path, write)
     except OSError as e:
-        raise SpatialVAEError(f"cannot write {path} ({short_reason(e)}); pass a path in a folder you can write "
-                              "to") from None
+        raise write_error(path, e) from None
     return path
 
 
@@ -79,7 +79,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     """torch.save, atomically: a crash mid-write leaves the previous checkpoint intact."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: _torch_save(obj, f))
+
+
+def _torch_save(obj, f: BinaryIO) -> None:
+    """torch.save that fails with the `OSError` of the failed write. torch's zip writer reports it as a
+    RuntimeError ("unexpected pos ...") raised while handling that OSError, and its text says nothing
+    of the disk: handing the OSError on lets `atomic_write` report it like every other writer's."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 # ---- run folders, log, history -----------------------------------------------------------------
@@ -100,6 +115,8 @@ def create_run_dir(out: str | os.PathLike, name: str) -> Path:
             return run
         except FileExistsError:  # another process took it: try the next number
             index += 1
+        except OSError as e:  # a full disk or quota
+            raise write_error(run, e) from None
 
 
 def make_logger(run_dir: Optional[Path]) -> logging.Logger:
@@ -112,12 +129,37 @@ def make_logger(run_dir: Optional[Path]) -> logging.Logger:
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(console)
-        if run_dir is not None:
+    if run_dir is not None and not any(isinstance(h, _LogFile) for h in log.handlers):  # (again, after a failure)
+        path = Path(run_dir) / "train.log"
+        try:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(Path(run_dir) / "train.log")
-            fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-            log.addHandler(fh)
+            fh = _LogFile(path, log)
+        except OSError as e:
+            raise write_error(path, e) from None
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(fh)
     return log
+
+
+class _LogFile(logging.FileHandler):
+    """``train.log``. A line it cannot write stops the run with one error line naming the file, where
+    logging would print a traceback to stderr and go on, leaving a log that silently ends early."""
+
+    def __init__(self, path: Path, log: logging.Logger):
+        super().__init__(path)
+        self._log = log
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        e = sys.exc_info()[1]
+        if not isinstance(e, OSError):
+            return super().handleError(record)
+        # Let go of the file, so a run continued in this process (a notebook) opens it afresh.
+        self._log.removeHandler(self)
+        try:
+            self.close()
+        except OSError:  # the line that could not be written cannot be flushed now either
+            pass
+        raise write_error(self.baseFilename, e) from None
 
 
 def write_history_csv(history: list[dict], path: Path) -> None:

@@ -23,7 +23,7 @@ from tqdm.std import tqdm
 from .config import Config
 from .data import make_datasets
 from .engine import default_device
-from .errors import CheckpointError, SpatialVAEError, short_reason
+from .errors import CheckpointError, SpatialVAEError, on_disk_full, short_reason
 from .losses import build_loss
 from .runs import CHECKPOINT_VERSION, atomic_torch_save, load_model
 from .texture import TEXTURE_KIND, TextureStage, head_inputs
@@ -99,15 +99,17 @@ def fit_run_texture(run_dir, cfg: Config, splits=None, device=None, progress: bo
         f"({sum(p.numel() for p in stage.disc.parameters()):,}), {len(inputs['images'])} cached inputs in "
         f"{time.perf_counter() - t0:.0f} s, {cfg.texture.steps} steps of {cfg.texture.batch_size}")
     extra = {"kind": TEXTURE_KIND, "config": settings, "vae_epoch": vae_epoch}
-    _fit_logged(stage, inputs, progress, log, save=lambda done: atomic_torch_save(
-        {**stage.state_dict(), **extra, "done": done}, state_path))
-    stage.use_ema()
-    exported = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "config": ckpt["config"],
-                "epoch": vae_epoch, "history": ckpt.get("history", []),
-                "texture": {"config": settings, "steps": stage.step, "history": stage.history}}
-    atomic_torch_save(exported, out)
-    atomic_torch_save({**stage.state_dict(), **extra, "done": True}, state_path)
-    log(f"texture stage: wrote {out} (the smooth decoder stays in {best})")
+    with on_disk_full(f"{best} and the rest of the run are kept, and {state_path.name} holds the stage's last "
+                      "save, if any", f"free space, then `python -m spatialvae train --resume {run_dir}` continues it"):
+        _fit_logged(stage, inputs, progress, log, save=lambda done: atomic_torch_save(
+            {**stage.state_dict(), **extra, "done": done}, state_path))
+        stage.use_ema()
+        exported = {"version": CHECKPOINT_VERSION, "model": model.state_dict(), "config": ckpt["config"],
+                    "epoch": vae_epoch, "history": ckpt.get("history", []),
+                    "texture": {"config": settings, "steps": stage.step, "history": stage.history}}
+        atomic_torch_save(exported, out)
+        atomic_torch_save({**stage.state_dict(), **extra, "done": True}, state_path)
+        log(f"texture stage: wrote {out} (the smooth decoder stays in {best})")
     return out
 
 

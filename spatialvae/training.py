@@ -46,7 +46,7 @@ from .engine import (
     seed_everything,
     train_step,
 )
-from .errors import CheckpointError, SpatialVAEError, short_reason
+from .errors import CheckpointError, SpatialVAEError, on_disk_full, short_reason
 from .losses import build_loss
 from .metrics import reconstruction_scores
 from .model import build_model
@@ -240,11 +240,9 @@ class Trainer:
         e.g. to train a notebook session in chunks); returns the history, one dict per epoch."""
         n_total = total_epochs(self.cfg.train)
         stop = n_total if until_epoch is None else min(n_total, until_epoch)
-        if self.is_main and self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.run_dir / "config.json", (self.cfg.to_json() + "\n").encode())
-            if self.epoch == 0:
-                self.log.info(describe_run(self))
+        if self.run_dir is not None:
+            with self.on_disk_full(self.epoch):
+                distributed.run_on_main(self._write_config)
         while self.epoch < stop:
             row = self._run_epoch()
             self.history.append(row)
@@ -252,11 +250,23 @@ class Trainer:
             improved = "val_select" in row and row["val_select"] < self.best_val
             if improved:
                 self.best_val = row["val_select"]
-            if self.is_main:
-                self.log.info(epoch_line(row, n_total, improved))
-            self._write_epoch(improved or "val_select" not in row)
+            self._end_epoch(row, improved)
             distributed.barrier()
         return self.history
+
+    def _write_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.run_dir / "config.json", (self.cfg.to_json() + "\n").encode())
+        if self.epoch == 0:
+            self.log.info(describe_run(self))
+
+    def on_disk_full(self, last_good: int):
+        """What a write that fails for lack of space says was kept and how to go on, ``last_good``
+        being the epoch that ``last.pt`` holds (see `errors.on_disk_full`)."""
+        if last_good == 0:
+            return on_disk_full("no checkpoint was written yet", "free space, then start the run again")
+        return on_disk_full(f"the last good checkpoint is epoch {last_good} ({self.run_dir / 'checkpoints' / 'last.pt'})",
+                            f"free space, then `python -m spatialvae train --resume {self.run_dir}`")
 
     def _run_epoch(self) -> dict:
         """Train, validate and step the scheduler at ``self.epoch`` -> its history row."""
@@ -280,22 +290,34 @@ class Trainer:
             row.update(self.monitor())
         return row
 
-    def _write_epoch(self, best: bool) -> None:
-        """After an epoch: rank 0 writes the grid (every sample_every epochs and the last), history and
-        checkpoints; every rank hands over its random streams once the grid has drawn from rank 0's."""
+    def _end_epoch(self, row: dict, improved: bool) -> None:
+        """After an epoch: rank 0 logs it, writes the grid (every sample_every epochs and the last),
+        history and checkpoints; every rank hands over its random streams once the grid has drawn from
+        rank 0's. A write that fails on rank 0 stops the other ranks at once (`distributed.run_on_main`)."""
+        line = epoch_line(row, total_epochs(self.cfg.train), improved)
         if self.run_dir is None:
+            if self.is_main:
+                self.log.info(line)
             return
-        if self.is_main and (self.epoch % self.cfg.train.sample_every == 0
-                             or self.epoch == total_epochs(self.cfg.train)):
+        with self.on_disk_full(self.epoch - 1):  # this epoch's last.pt is not written yet
+            distributed.run_on_main(lambda: self._log_and_draw(line))
+            if self.world_size > 1:
+                self._rank_rngs = distributed.gather(rng_state(self.noise))
+            distributed.run_on_main(lambda: self._write_files(improved or "val_select" not in row))
+
+    def _log_and_draw(self, line: str) -> None:
+        self.log.info(line)
+        if self.epoch % self.cfg.train.sample_every == 0 or self.epoch == total_epochs(self.cfg.train):
             self.save_samples()
-        if self.world_size > 1:
-            self._rank_rngs = distributed.gather(rng_state(self.noise))
-        if not self.is_main:
-            return
+
+    def _write_files(self, best: bool) -> None:
+        """history.csv, then best.pt before last.pt: if writing stops between the two, resuming from the
+        older last.pt replays this epoch and writes both again, where the other order would leave best.pt
+        without this epoch for good."""
         write_history_csv(self.history, self.run_dir / "history.csv")
-        self.save(self.run_dir / "checkpoints" / "last.pt")
         if best:
             self.save(self.run_dir / "checkpoints" / "best.pt")
+        self.save(self.run_dir / "checkpoints" / "last.pt")
 
     def save_samples(self, path: Optional[Path] = None) -> Path:
         """Samples (the same draws every time) and val reconstructions -> samples/epoch_XXX.png

@@ -113,11 +113,13 @@ def make_kaggle_tree(tmp_path: Path) -> dict:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test gets its own preprocessing cache and an empty in-process memo."""
+    """Each test gets its own preprocessing cache, an empty in-process memo and no cache folder
+    remembered as unwritable."""
     from spatialvae import data
 
     monkeypatch.setenv("SPATIALVAE_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setattr(data, "_MEMO", {})
+    monkeypatch.setattr(data, "_UNWRITABLE", set())
 
 
 @pytest.fixture
