@@ -24,8 +24,8 @@ _EXPORTS = {
                  "decode_latents", "generate", "interpolate"),
     "prior": ("LearnedPrior",),
     "prior_run": ("load_prior",),
-    "evaluate": ("evaluate_run",),
-    "report": ("metrics_table", "ablation_table"),
+    "lab.evaluate": ("evaluate_run",),
+    "lab.report": ("metrics_table", "ablation_table"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = ["__version__", *_WHERE]

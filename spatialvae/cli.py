@@ -3,7 +3,7 @@
 Every user error (`SpatialVAEError`) ends as one ``error: ...`` line on stderr and exit status 2,
 never a traceback.
 
-Each command imports the modules it runs inside its function: they import torch (about 1.5 s),
+Each command imports the modules it runs inside its function: they import torch (slow),
 so ``--help`` and argument errors answer at once. Everything else is imported here.
 """
 
@@ -21,7 +21,6 @@ from typing import Callable, Iterator, Optional, Sequence
 from . import __version__
 from .config import PRESETS, Config, DataConfig, get_preset
 from .errors import ConfigError, SpatialVAEError, WeightsError, on_disk_full
-from .variants import VARIANT_NAMES, ablation_base
 
 # ---- argument checks: argparse prints the usage and one error line, exits 2, before any work ------
 
@@ -354,8 +353,8 @@ def cmd_prior(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Reconstruction and sample metrics of a run on the test split -> RUN_DIR/metrics.json."""
 
-    from .evaluate import evaluate_run
-    from .report import metrics_table
+    from .lab.evaluate import evaluate_run
+    from .lab.report import metrics_table
 
     if args.decoder and args.checkpoint:
         raise ConfigError(f"pass --decoder or --checkpoint, not both (--decoder {args.decoder} picks "
@@ -371,7 +370,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     """Train the chest X-ray feature extractor used for the domain Fréchet distance."""
-    from .features import build_features_file
+    from .lab.features import build_features_file
 
     info = build_features_file(args.data, args.out, image_size=args.image_size, epochs=args.epochs,
                                max_per_class=args.max_per_class, seed=args.seed, progress=not args.quiet)
@@ -388,8 +387,9 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     """Recipe vs original vs one-change variants on the same images and budget -> OUT/ablation.{md,json,png}."""
 
-    from .ablation import run_ablation
-    from .report import ablation_table
+    from .lab.ablation import run_ablation
+    from .lab.report import ablation_table
+    from .lab.variants import ablation_base
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     base = ablation_base(args.preset, tuple(args.epochs), args.perceptual, args.set or [])
@@ -418,8 +418,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Data and training-step speed on this machine -> a table on stdout and JSON in --out."""
 
-    from .bench import run_bench
-    from .report import bench_table
+    from .lab.bench import run_bench
+    from .lab.report import bench_table
     from .runs import atomic_write_bytes
 
     if args.curve:
@@ -440,8 +440,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_curve(args: argparse.Namespace) -> int:
     """Time-to-quality of finished runs: a figure, a markdown table and JSON next to --out."""
 
-    from .bench import time_to_quality
-    from .report import time_to_quality_table
+    from .lab.bench import time_to_quality
+    from .lab.report import time_to_quality_table
     from .runs import atomic_write_bytes
     from .viz import time_to_quality_figure
 
@@ -533,10 +533,10 @@ def _add_evaluate_parser(sub) -> None:
                    help="X-ray feature extractor from the `features` command: adds domain FD/KID")
     p.add_argument("--tstr", type=count(0), default=300, metavar="N",
                    help="train-on-synthetic-test-on-real with N images per class per conditional sampler, three "
-                        "classifier seeds each (default 300, ~4 min at 64 px on 2 CPU cores); 0 skips it")
+                        "classifier seeds each (default 300; minutes on a CPU); 0 skips it")
     p.add_argument("--no-c2st", dest="c2st", action="store_false",
                    help="skip the classifier two-sample test (a small CNN tells learned-prior samples and "
-                        "reconstructions from real images the VAE never trained on; ~30 s on 2 CPU cores)")
+                        "reconstructions from real images the VAE never trained on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
@@ -555,13 +555,15 @@ def _add_features_parser(sub) -> None:
 
 
 def _add_ablate_parser(sub) -> None:
+    from .lab.variants import VARIANT_NAMES  # names only: config and errors, no torch
+
     p = sub.add_parser("ablate", help="train and evaluate the recipe, the original baseline and one-change variants")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
     p.add_argument("--out", default="runs/ablation", help="results folder; re-running it resumes (default: runs/ablation)")
     p.add_argument("--preset", choices=("quick", "smoke", "seed"), default="quick",
                    help="size of every variant (default quick: 64 px, 1,000 images per class)")
     p.add_argument("--epochs", type=int, nargs=2, metavar=("P1", "P2"), default=[8, 10],
-                   help="epochs of phase 1 and phase 2 for every variant (default 8 10: ~10 min each on 2 CPU cores)")
+                   help="epochs of phase 1 and phase 2 for every variant (default 8 10)")
     p.add_argument("--variants", default=None,
                    help=f"comma-separated subset of: {', '.join(VARIANT_NAMES)} (default: all)")
     p.add_argument("--perceptual", choices=("imagenet", "random", "off"), default="imagenet",
@@ -569,7 +571,7 @@ def _add_ablate_parser(sub) -> None:
                         "off (no perceptual term anywhere; no_perceptual is then skipped)")
     p.add_argument("--features", metavar="FILE.pt", default=None,
                    help="X-ray feature extractor for the domain FD (default: OUT/xray_features.pt, trained if "
-                        "missing, ~3 min); 'none' to skip")
+                        "missing); 'none' to skip")
     p.add_argument("--inception", default="auto", help="FID Inception weights: auto, off, or a path")
     p.add_argument("--n", type=count(2), default=None, help="images generated per sampler (default: test split size)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],

@@ -65,13 +65,13 @@ class ModelConfig:
     flat_latent_dim: int = 256  # only for architecture=original: its flattened latent
     upsample: str = "bilinear"  # bilinear | transposed: bilinear avoids checkerboards; transposed is the ablation
     # space: DC-AE's parameter-free space-to-channel skips, every branch starting at zero, so the
-    # untrained model is an area-downsample + bicubic-upsample autoencoder (27.1 dB on the 64 px
-    # test split) that learns the residual; conv: the recipe's literal 1x1-conv skips (random start).
-    shortcut: str = "space"  # space | conv (see above): DC-AE skips make the quick run 29.8 dB instead of 18.7
+    # untrained model is an area-downsample + bicubic-upsample autoencoder that learns the residual;
+    # conv: the recipe's literal 1x1-conv skips (random start).
+    shortcut: str = "space"  # space | conv (see above): on a CPU budget the conv skips' random start costs far more (docs/results/defaults.md)
     # Where the decoder's bicubic output skip starts (shortcut=space). latent: the side whose one
-    # channel holds the latent's values (32x32 at 128 px), so the untrained map is a bicubic x4 of the
-    # 4x4 area downsample (25.2 dB on the 128 px test split) instead of nearest x2 then bicubic x2
-    # (23.8); last: the last feature map (the older form). At 64 px the two are the same map.
+    # channel holds the latent's values (32x32 at 128 px), so the untrained map is one bicubic x4 of
+    # the 4x4 area downsample instead of nearest x2 then bicubic x2, a closer start; last: the last
+    # feature map (the older form). At 64 px the two are the same map.
     decoder_skip: str = "latent"  # latent | last (see above)
     logvar_init: Optional[float] = -8.0  # bias of the logvar head (sigma 0.018): an autoencoder from step 1; None = PyTorch's init
 
@@ -105,9 +105,9 @@ class LossConfig:
     ssim_window: int = 11  # Gaussian window of pytorch-msssim; shrunk automatically for tiny images
     # What beta multiplies. mean: the KL per latent value (summed KL / 1,024), on the same per-value
     # footing as the per-pixel-mean L1 and SSIM, so the recipe's "very low beta, for sharp images"
-    # is low: at beta 1e-3 the KL costs ~1% of the reconstruction terms and phase 2 keeps phase 1.
-    # sum (the literal ELBO KL, seed-literal): beta 1e-3 x ~3,000 nats outweighs L1 by 10x at the
-    # phase boundary and collapses the latent to a template chest (README, Results).
+    # is low: the KL stays a small share of the reconstruction terms and phase 2 keeps phase 1.
+    # sum (the literal ELBO KL, seed-literal): beta 1e-3 times the summed KL outweighs L1 many times
+    # over at the phase boundary and collapses the latent to a template chest (docs/results/defaults.md).
     kl_reduction: str = "mean"  # mean (per latent value: low beta is low) | sum (the literal ELBO KL), see above
 
     def validate(self) -> "LossConfig":
@@ -159,7 +159,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max grad norm: attention + KL spikes otherwise blow up early steps
     seed: int = 0  # model init, shuffling and flips
     amp: bool = True  # fp16/bf16 autocast on CUDA only; CPU always runs fp32
-    channels_last: bool = True  # NHWC: never slower in bench (1.00x eager on CPU without VGG, 1.14x with it)
+    channels_last: bool = True  # NHWC: never slower in `bench`, faster with the VGG term
     compile: bool = False  # torch.compile: slower start, faster steps on long GPU runs
     sample_every: int = 10  # epochs between sample/reconstruction grids
     n_samples: int = 64  # images per sample grid
@@ -171,20 +171,20 @@ class PriorConfig:
     # A flow-matching transformer over the latent's 16 positions (spatialvae.prior), trained after
     # phase 2 on the training split's posterior means: the sampler behind `sample --sampler learned`.
     enabled: bool = True  # train it at the end of `train`; `python -m spatialvae prior --run RUN` does it later
-    width: int = 128  # token width: 0.94 M parameters at depth 3, ~0.1 s a step of 128 on 2 CPU cores
+    width: int = 128  # token width: under a million parameters at depth 3, so it trains in CPU minutes
     depth: int = 3  # transformer blocks (adaLN-Zero, DiT)
     heads: int = 4  # attention heads over the 16 latent positions
-    steps: int = 1600  # optimizer steps: ~160 s on 2 CPU cores (val loss 1.114; 2,000 steps at lr 1e-3: 1.132)
+    steps: int = 1600  # optimizer steps: the validation loss has flattened by here at lr 2e-3
     batch_size: int = 128  # latents per step
     lr: float = 2e-3  # AdamW peak, after warm-up, cosine to 0
     warmup_steps: int = 100  # linear warm-up
     weight_decay: float = 0.0  # the EMA and the short schedule are the regularisers
     ema: float = 0.999  # EMA of the weights: what samples
     label_dropout: float = 0.1  # share of steps without the label: the unconditional model for guidance
-    # Classifier-free guidance (1 = plain conditional). Quick run, domain FD vs train / MS-SSIM (real
-    # test 0.439): 1: 6.13 / 0.419, 1.5: 1.51 / 0.403, 1.75: 0.60 / 0.395, 2: 0.31 / 0.387, 3: 2.69 / 0.356.
-    guidance: float = 1.75  # fidelity vs diversity: 1.75 keeps MS-SSIM within 0.05 of real images; 2 is the FD optimum
-    sample_steps: int = 16  # Heun steps (two velocity calls each): FD 0.312 at 16, 0.306 at 32, 0.316 at 64
+    # Classifier-free guidance (1 = plain conditional): higher draws more typical chests of each class
+    # and fewer kinds of chest. The sweep is in docs/results/defaults.md.
+    guidance: float = 1.75  # fidelity vs diversity: keeps the samples' MS-SSIM near real images' at 64 px
+    sample_steps: int = 16  # Heun steps (two velocity calls each): more did not lower the FD
     log_every: int = 200  # steps between log lines, validation losses and resumable saves
     seed: int = 0  # init, batches, noise
 
@@ -372,12 +372,10 @@ def _quick() -> Config:
     cfg.data.image_size = 64
     cfg.data.max_per_class = 1000
     # Small budgets need optimizer steps more than big batches: batch 8 gives 4x the updates of 32
-    # for the same images (measured, 3 epochs of phase 1: 28.9 dB at batch 8 / lr 2e-4, 28.5 at
-    # 16 / 3e-4, 28.1 at 32 / 1e-4, 27.9 at 32 / 5e-4), at ~80% of the images per second.
+    # for the same images, and gave the best PSNR for the same epochs (docs/results/defaults.md).
     cfg.data.batch_size = 8
     cfg.train.phase1.lr = 2e-4
     cfg.train.phase2.lr = 1e-4  # half of phase 1's, as in the recipe (1e-4 -> 5e-5)
-    # ~32 s per epoch on a 2-core CPU without the perceptual term: 10 + 12 epochs ~ 12 minutes.
     cfg.train.phase1.epochs = 10
     cfg.train.phase1.cosine_t0 = 10  # one cosine cycle
     cfg.train.phase2.epochs = 12
@@ -388,9 +386,8 @@ def _quick() -> Config:
 
 
 def _quick128() -> Config:
-    # The recipe's own resolution on a CPU budget (README's 128 px CPU job, VAE + learned prior in
-    # ~19 minutes on 2 cores): the quick preset's subset, batch and phase-1 lr at 128 px, the seed's
-    # model and widths, fewer epochs (~100 s each without the perceptual term).
+    # The recipe's own resolution on a CPU budget (README's main job): the quick preset's subset,
+    # batch and phase-1 lr at 128 px, the seed's model and widths, fewer epochs.
     cfg = _quick()
     cfg.preset = "quick128"
     cfg.data.image_size = 128
@@ -398,8 +395,8 @@ def _quick128() -> Config:
     cfg.train.phase1.cosine_t0 = 6  # one cosine cycle: the lr ends near 0, so phase 1 ends on settled weights
     cfg.train.phase2.epochs = 3
     cfg.train.phase2.beta_anneal_epochs = 2  # 0, 5e-4, then 1e-3 in the last epoch (best.pt is picked at 1e-3)
-    # Phase 2 "maintains reconstruction quality": it goes on near where phase 1's cosine ended (1.3e-5).
-    # Restarting at 1e-4 (quick's) cost 0.27 dB in its first epoch and ended at 27.14 dB (phase 1: 27.28).
+    # Phase 2 "maintains reconstruction quality": it goes on near where phase 1's cosine ended;
+    # restarting at quick's 1e-4 undid part of phase 1 (docs/results/defaults.md).
     cfg.train.phase2.lr = 2e-5
     cfg.train.phase2.plateau_patience = 1
     cfg.train.sample_every = 3

@@ -4,7 +4,7 @@ With beta at 1e-3 per latent value the aggregate posterior q(z) is far from N(0,
 prior draws gives noise, and a Gaussian or a GMM fitted to the posterior means gives smooth,
 alike chests. latent-diffusion and Medfusion learn a generative model over the autoencoder's
 latent instead. Ours is 64 x 4 x 4 = 16 tokens of 64 values, so a transformer of a few hundred
-thousand parameters trains in about two minutes on a CPU::
+thousand parameters trains in CPU minutes::
 
     prior = LearnedPrior(PriorConfig()).fit(latents, labels)        # (N, 64, 4, 4), (N,)
     z = prior.sample(64, generator=g, labels=torch.ones(64).long())  # 64 PNEUMONIA latents

@@ -138,8 +138,8 @@ class GMMSampler:
     init, ``random_state=seed``); ``n_components`` is capped at N // 2 so tiny sets still fit.
     ``reg_covar`` is added to every component's covariance diagonal, as a fraction of the
     latents' mean per-dimension variance (sklearn's own ``reg_covar`` is absolute; scaling it
-    keeps the meaning for latents of any scale). It matters here: ~470 latents per component in
-    1,024 dimensions give singular covariances without it.
+    keeps the meaning for latents of any scale). It matters here: a few hundred latents per component
+    in 1,024 dimensions give singular covariances without it.
 
     Sampling uses torch: a component by the mixture weights, then ``mean_k + L_k @ eps``.
     """
@@ -158,7 +158,7 @@ class GMMSampler:
         self.chols: Optional[torch.Tensor] = None  # (K, D, D)
 
     def fit(self, latents: torch.Tensor) -> "GMMSampler":
-        from sklearn.mixture import GaussianMixture  # scikit-learn takes ~1 s to import: only for a GMM
+        from sklearn.mixture import GaussianMixture  # scikit-learn is slow to import: only for a GMM
 
         x = _flatten_latents(latents)  # (N, D)
         self.latent_shape = tuple(latents.shape[1:])

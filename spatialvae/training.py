@@ -48,7 +48,6 @@ from .engine import (
 )
 from .errors import CheckpointError, SpatialVAEError, on_disk_full, short_reason
 from .losses import build_loss
-from .metrics import reconstruction_scores
 from .model import build_model
 from .runs import (
     CHECKPOINT_VERSION,
@@ -61,6 +60,7 @@ from .runs import (
     write_history_csv,
 )
 from .sampling import epoch_sheet
+from .scores import reconstruction_scores
 from .viz import save_png
 
 

@@ -58,7 +58,7 @@ def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
 # ---- matplotlib figures (notebook and reports) -------------------------------------------------
 
 def _plt():
-    import matplotlib  # ~0.5 s to import: only when a figure is drawn
+    import matplotlib  # slow to import: only when a figure is drawn
 
     if not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
         matplotlib.use("Agg")  # headless scripts and CI; notebooks keep their inline backend

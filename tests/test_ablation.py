@@ -12,9 +12,9 @@ import torch
 from spatialvae.cli import main
 from spatialvae.config import flatten as flat
 from spatialvae.errors import ConfigError
-from spatialvae.report import ablation_table
+from spatialvae.lab.report import ablation_table
+from spatialvae.lab.variants import VARIANT_NAMES, ablation_base, variant_configs
 from spatialvae.training import get_beta, total_epochs
-from spatialvae.variants import VARIANT_NAMES, ablation_base, variant_configs
 
 
 def changed(a, b) -> set:
@@ -144,7 +144,7 @@ def test_ablate_without_vgg_weights_fails_before_training(real_data_root, tmp_pa
 
 
 def test_resuming_accepts_speed_switches_but_not_a_different_budget(tmp_path):
-    from spatialvae.ablation import _check_same_base
+    from spatialvae.lab.ablation import _check_same_base
 
     base = ablation_base("smoke", (1, 1), "off")
     (tmp_path / "base_config.json").write_text(base.to_json())
@@ -181,7 +181,7 @@ def test_ablation_figure_is_drawn_from_tensors(tmp_path):
 
 
 def test_a_variant_evaluated_before_the_sampler_rename_keeps_its_n01_row(tmp_path):
-    from spatialvae.ablation import _row
+    from spatialvae.lab.ablation import _row
 
     old = {"fid": None, "domain_fd_vs_train": 12.5, "ms_ssim_diversity": {"mean": 0.01},
            "nn_train_rmse": {"mean": 0.4}}

@@ -8,8 +8,9 @@ import math
 
 import pytest
 
-from spatialvae import bench
-from spatialvae.bench import (
+from spatialvae.cli import main
+from spatialvae.lab import bench
+from spatialvae.lab.bench import (
     _judge,
     _run_in_child,
     measure_step,
@@ -17,8 +18,7 @@ from spatialvae.bench import (
     t4_projection,
     time_to_quality,
 )
-from spatialvae.cli import main
-from spatialvae.report import setting_flags
+from spatialvae.lab.report import setting_flags
 
 
 def row(setting, ips, loss=1.0, perceptual=False, finite=True, first=1.0):
@@ -110,7 +110,7 @@ def test_bench_command_writes_json_and_table(kaggle_tree, tmp_path, capsys, monk
 
 
 def test_bench_step_child_process_measures_without_data():
-    """Each setting runs `python -m spatialvae.bench` in a child: it must import and measure."""
+    """Each setting runs `python -m spatialvae.lab.bench` in a child: it must import and measure."""
     row = _run_in_child({"preset": "smoke", "image_size": 32, "batch": 2, "perceptual": False,
                          "setting": {"name": "eager"}, "repeats": 1}, timeout=300)
     assert "error" not in row, row.get("error")
@@ -126,7 +126,7 @@ def test_bench_rejects_unknown_settings(capsys):
 def test_peak_memory_sees_a_transient_allocation():
     import numpy as np
 
-    from spatialvae.bench import _PeakRss, _rss_mb
+    from spatialvae.lab.bench import _PeakRss, _rss_mb
 
     if _rss_mb() == 0:
         pytest.skip("no /proc/self/statm on this platform")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spatialvae.c2st import MIN_PER_SIDE, binomial_p_value, classifier_two_sample_test, roc_auc
+from spatialvae.lab.c2st import MIN_PER_SIDE, binomial_p_value, classifier_two_sample_test, roc_auc
 
 torch.set_num_threads(1)
 

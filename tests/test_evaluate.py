@@ -12,11 +12,12 @@ import pytest
 import torch
 from conftest import copy_run, make_kaggle_tree, save_jpeg
 
-from spatialvae import evaluate as ev
-from spatialvae import metrics as M
+from spatialvae import scores as S
 from spatialvae.config import get_preset
 from spatialvae.data import plan_for, unused_train_files
 from spatialvae.errors import SpatialVAEError, WeightsError
+from spatialvae.lab import evaluate as ev
+from spatialvae.lab import metrics as M
 
 torch.set_num_threads(2)
 
@@ -30,17 +31,17 @@ def images(n=4, size=32, seed=0):
 
 def test_identical_images_score_perfectly():
     x = images()
-    assert torch.allclose(M.ssim_score(x, x), torch.ones(4))
-    assert torch.equal(M.l1(x, x), torch.zeros(4))
-    assert torch.equal(M.psnr(x, x), torch.full((4,), M.PSNR_CAP_DB))  # inf, capped for means and JSON
+    assert torch.allclose(S.ssim_score(x, x), torch.ones(4))
+    assert torch.equal(S.l1(x, x), torch.zeros(4))
+    assert torch.equal(S.psnr(x, x), torch.full((4,), S.PSNR_CAP_DB))  # inf, capped for means and JSON
 
 
 def test_psnr_and_l1_of_a_constant_offset():
     x = images()
     # MSE = 0.01 with data range 1 -> 10 * log10(1 / 0.01) = 20 dB exactly.
-    assert torch.allclose(M.psnr(x + 0.1, x), torch.full((4,), 20.0), atol=1e-4)
-    assert torch.allclose(M.l1(x + 0.1, x), torch.full((4,), 0.1), atol=1e-6)
-    assert (M.ssim_score(x + 0.1, x) < 1).all()
+    assert torch.allclose(S.psnr(x + 0.1, x), torch.full((4,), 20.0), atol=1e-4)
+    assert torch.allclose(S.l1(x + 0.1, x), torch.full((4,), 0.1), atol=1e-6)
+    assert (S.ssim_score(x + 0.1, x) < 1).all()
 
 
 @pytest.mark.parametrize("size,win", [(128, 7), (64, 3), (32, 3), (16, 3)])
@@ -268,7 +269,7 @@ def test_eval_images_written_before_the_sampler_rename_load_under_the_new_name(t
     assert set(got) == {"standard_normal", "gmm"} and torch.equal(got["standard_normal"], torch.full((2, 1, 4, 4), 0.2))
 
 
-# ---- the classifier two-sample test (spatialvae.c2st) -----------------------------------------------
+# ---- the classifier two-sample test (spatialvae.lab.c2st) -----------------------------------------------
 
 def _tree_with_more_training_images(tmp_path, per_class=24):
     """The fake tree plus ``per_class`` more training images a class, so the smoke cap (16 a class)
@@ -306,9 +307,9 @@ def test_evaluate_run_c2st_of_learned_samples_and_reconstructions(smoke_run, tmp
     """metrics.json's c2st section, against training files the run left out (a tiny stand-in prior)."""
 
     from spatialvae.config import PriorConfig
+    from spatialvae.lab.report import metrics_table
     from spatialvae.prior import LearnedPrior
     from spatialvae.prior_run import prior_path
-    from spatialvae.report import metrics_table
     from spatialvae.runs import atomic_torch_save
 
     run = copy_run(smoke_run[0], tmp_path)
@@ -346,7 +347,7 @@ def _untrained_features_file(path):
     """A features file around an untrained tiny extractor: enough for the domain FD's plumbing."""
     from dataclasses import asdict
 
-    from spatialvae.features import FeatureNetConfig, XRayFeatureNet, save_feature_net
+    from spatialvae.lab.features import FeatureNetConfig, XRayFeatureNet, save_feature_net
 
     cfg = FeatureNetConfig(image_size=32, widths=(4, 8))
     torch.manual_seed(0)
@@ -359,7 +360,7 @@ def test_evaluate_sharp_decoder_beside_the_smooth_one(sharp_run, tmp_path, offli
     the smooth decoder alone (best.pt) gives those very figures."""
     from PIL import Image
 
-    from spatialvae.report import metrics_table
+    from spatialvae.lab.report import metrics_table
 
     monkeypatch.setattr(ev, "_class_grids", lambda *a, **k: {})  # the per-class sampler grids: tested elsewhere
     run = sharp_run[0]

@@ -10,7 +10,7 @@ import torch
 from conftest import copy_run
 
 from spatialvae.errors import CheckpointError, SpatialVAEError
-from spatialvae.features import (
+from spatialvae.lab.features import (
     FeatureNetConfig,
     XRayFeatureNet,
     build_features_file,

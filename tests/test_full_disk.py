@@ -272,7 +272,7 @@ def test_metrics_json_on_a_full_disk_is_one_line(fake_smoke_run, tmp_path, full_
 
 @pytest.mark.parametrize("name", ["eval_reconstructions.png", "eval_images.pt"])
 def test_evaluation_pictures_on_a_full_disk_are_one_line(tmp_path, full_disk, name):
-    from spatialvae.evaluate import _write_results
+    from spatialvae.lab.evaluate import _write_results
 
     full_disk.fill(name)
     grids = {"samples/eval_reconstructions.png": torch.rand(1, 10, 10)}
@@ -308,11 +308,11 @@ def test_a_sample_grid_on_a_full_disk_is_one_line(fake_smoke_run, tmp_path, full
 
 
 def test_bench_output_on_a_full_disk_is_one_line_after_the_table(tmp_path, full_disk, monkeypatch, capsys):
-    import spatialvae.bench
-    import spatialvae.report
+    import spatialvae.lab.bench
+    import spatialvae.lab.report
 
-    monkeypatch.setattr(spatialvae.bench, "run_bench", lambda *a, **k: {"rows": [1, 2]})  # the figures, not timed
-    monkeypatch.setattr(spatialvae.report, "bench_table", lambda res: "| the table |")
+    monkeypatch.setattr(spatialvae.lab.bench, "run_bench", lambda *a, **k: {"rows": [1, 2]})  # the figures, not timed
+    monkeypatch.setattr(spatialvae.lab.report, "bench_table", lambda res: "| the table |")
     out = tmp_path / "b.json"
     full_disk.fill("b.json")
     code, stdout, err = _main(capsys, "bench", "--out", out, "--quiet")

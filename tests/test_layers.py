@@ -1,5 +1,7 @@
-"""The package's structure: modules stand in layers, each importing only from layers below it
-(so there is no import cycle), and imports sit at module level except the heavy, optional ones."""
+"""The package's structure: the core (``spatialvae/*.py``: what trains and samples) imports nothing
+from the lab (``spatialvae/lab/``: what measures), modules stand in layers, each importing only from
+layers below it (so there is no import cycle), and imports sit at module level except the heavy,
+optional ones."""
 
 import ast
 import json
@@ -11,59 +13,92 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "spatialvae"
 
-# Lowest first. A module imports (at module level) only from earlier layers.
+# Lowest first. A module imports (at module level) only from earlier layers. The lab's layers sit
+# above the core's: the core never imports the lab, the CLI only inside the commands that measure.
 LAYERS = (
     ("errors",),  # no package imports
     ("engine", "distributed", "config"),
-    ("model", "variants"),
+    ("model",),
     ("losses", "runs"),
     ("data", "viz"),
-    ("metrics", "sampling", "report", "c2st"),
-    ("features", "prior", "training", "texture"),
-    ("bench", "tstr", "prior_run", "texture_run"),
-    ("evaluate",),
-    ("ablation",),
-    ("cli",),  # imports config/errors/variants at module level, each command's modules inside it
+    ("scores", "sampling"),
+    ("prior", "training", "texture"),
+    ("prior_run", "texture_run"),
+    ("lab.variants", "lab.metrics", "lab.report", "lab.c2st"),
+    ("lab.features",),
+    ("lab.bench", "lab.tstr"),
+    ("lab.evaluate",),
+    ("lab.ablation",),
+    ("cli",),  # imports config/errors at module level, each command's modules inside it
 )
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+CORE = [m for m in LAYER_OF if not m.startswith("lab.")]
 # Imported inside functions on purpose, each with a reason in the code: slow to import (sklearn ~1 s,
 # torchmetrics ~2 s, matplotlib, the compiler's config), or only needed by one optional measurement.
 LAZY_OK = ("sklearn", "torchmetrics", "matplotlib", "torch.utils.flop_counter", "torch._inductor")
 
 
-def _module_level_package_imports(path: Path) -> set[str]:
+def _path(module: str) -> Path:
+    return PKG / (module.replace(".", "/") + ".py")
+
+
+def _target(module: str, node: ast.ImportFrom) -> set[str]:
+    """The package modules a relative ``from`` import in ``module`` names, as LAYERS spells them."""
+    base = module.split(".")[:-1][:len(module.split(".")) - node.level]  # the package it is relative to
+    if node.module:
+        return {".".join(base + node.module.split("."))}
+    return {".".join(base + [a.name]) for a in node.names}
+
+
+def _package_imports(module: str, nodes) -> set[str]:
     deps = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-    return deps - {"__version__"}
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            deps |= _target(module, node)
+        elif isinstance(node, ast.Import):
+            deps |= {a.name.removeprefix("spatialvae.") for a in node.names if a.name.startswith("spatialvae.")}
+    return deps - {"__version__", "", "lab"}
 
 
-def _local_imports(path: Path):
-    for fn in ast.walk(ast.parse(path.read_text())):
+def _module_level_package_imports(module: str) -> set[str]:
+    return _package_imports(module, ast.parse(_path(module).read_text()).body)
+
+
+def _local_imports(module: str):
+    for fn in ast.walk(ast.parse(_path(module).read_text())):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for node in ast.walk(fn):
                 if isinstance(node, ast.Import):
-                    yield fn.name, node.names[0].name, 0
+                    yield fn.name, node.names[0].name, 0, node
                 elif isinstance(node, ast.ImportFrom):
-                    yield fn.name, node.module or "", node.level
+                    yield fn.name, node.module or "", node.level, node
 
 
 def test_every_module_has_a_layer():
-    modules = {p.stem for p in PKG.glob("*.py")} - {"__init__", "__main__"}
+    modules = {str(p.relative_to(PKG).with_suffix("")).replace("/", ".") for p in PKG.rglob("*.py")}
+    modules -= {"__init__", "__main__", "lab.__init__"}
     assert modules == set(LAYER_OF), f"add new modules to LAYERS: {sorted(modules ^ set(LAYER_OF))}"
 
 
 @pytest.mark.parametrize("module", sorted(LAYER_OF))
 def test_module_imports_only_from_lower_layers(module):
-    upward = {d: LAYER_OF.get(d) for d in _module_level_package_imports(PKG / f"{module}.py")
+    upward = {d: LAYER_OF.get(d) for d in _module_level_package_imports(module)
               if LAYER_OF.get(d, -1) >= LAYER_OF[module]}
     assert not upward, f"{module} (layer {LAYER_OF[module]}) imports {upward}: a cycle risk; move the shared code down"
 
 
+@pytest.mark.parametrize("module", sorted(CORE))
+def test_the_core_imports_nothing_from_the_lab(module):
+    """Training and sampling need no measurement code; only the CLI's measuring commands load it."""
+    tree = ast.parse(_path(module).read_text())
+    local = [n for _, _, _, n in _local_imports(module)] if module != "cli" else []
+    lab = {d for d in _package_imports(module, [*tree.body, *local]) if d.startswith("lab.")}
+    assert not lab, f"the core module {module} imports {sorted(lab)} from the lab; move what it needs into the core"
+
+
 @pytest.mark.parametrize("module", sorted(LAYER_OF))
 def test_imports_are_at_module_level_except_the_heavy_ones(module):
-    bad = [(fn, mod) for fn, mod, level in _local_imports(PKG / f"{module}.py")
+    bad = [(fn, mod) for fn, mod, level, _ in _local_imports(module)
            if not mod.startswith(LAZY_OK) and not (module == "cli" and (level == 1 or mod == "torch"))]
     assert not bad, f"{module}: function-local imports {bad}; import at module level"
 
@@ -121,5 +156,5 @@ def test_readme_layout_table_matches_the_layers():
 
     readme = (PKG.parent / "README.md").read_text()
     section = readme.split("### Package layout", 1)[1].split("\n#", 1)[0]
-    rows = re.findall(r"^\| (\d+) \| `(\w+)` \|", section, flags=re.M)
+    rows = re.findall(r"^\| (\d+) \| `([\w.]+)` \|", section, flags=re.M)
     assert {m: int(i) for i, m in rows} == LAYER_OF

@@ -8,15 +8,8 @@ import pytest
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from spatialvae.metrics import (
-    PSNR_CAP_DB,
-    SHARPNESS_BANDS,
-    band_power,
-    nearest_is_self,
-    pca_reconstruct,
-    psnr,
-    sharpness_ratios,
-)
+from spatialvae.lab.metrics import SHARPNESS_BANDS, band_power, nearest_is_self, pca_reconstruct, sharpness_ratios
+from spatialvae.scores import PSNR_CAP_DB, psnr
 
 torch.set_num_threads(2)
 
@@ -59,7 +52,7 @@ def test_identity_counts_an_exact_duplicate_as_the_own_original():
     recons = originals + 0.01
     assert nearest_is_self(recons, originals).all()
     assert not nearest_is_self(recons, originals, duplicate_mse=0.0)[4]  # ties go to the first index
-    from spatialvae.metrics import duplicate_count
+    from spatialvae.lab.metrics import duplicate_count
     assert duplicate_count(originals) == 2
 
 

@@ -9,10 +9,10 @@ from conftest import copy_run
 
 from spatialvae.config import ConfigError, PriorConfig, get_preset
 from spatialvae.errors import CheckpointError, SpatialVAEError
+from spatialvae.lab.tstr import balanced_subset, class_labels
 from spatialvae.prior import N_CLASSES, FlowNet, LearnedPrior
 from spatialvae.prior_run import fit_logged
 from spatialvae.sampling import GaussianSampler, PerClass, parse_label_mix
-from spatialvae.tstr import balanced_subset, class_labels
 
 SHAPE = (4, 2, 2)  # 16 latent values: tiny, so the prior learns in a second
 
@@ -378,8 +378,8 @@ def test_prior_command_refuses_to_overwrite_and_retrains_with_force(prior_run, t
 def test_evaluate_has_learned_and_conditional_rows_and_tstr(prior_run, offline):
     import warnings
 
-    from spatialvae.evaluate import SAMPLERS, evaluate_run
-    from spatialvae.report import metrics_table
+    from spatialvae.lab.evaluate import SAMPLERS, evaluate_run
+    from spatialvae.lab.report import metrics_table
 
     run, tree = prior_run
     with warnings.catch_warnings():
@@ -404,7 +404,7 @@ def test_evaluate_has_learned_and_conditional_rows_and_tstr(prior_run, offline):
 def test_evaluate_skips_an_unfinished_prior_with_a_note(prior_run, tmp_path, offline):
     import warnings
 
-    from spatialvae.evaluate import evaluate_run
+    from spatialvae.lab.evaluate import evaluate_run
     from spatialvae.prior_run import prior_path
     from spatialvae.runs import atomic_torch_save
 
@@ -423,8 +423,8 @@ def test_evaluate_skips_an_unfinished_prior_with_a_note(prior_run, tmp_path, off
 
 
 def test_tstr_classifier_is_the_same_whatever_ran_before():
-    from spatialvae.features import FeatureNetConfig
-    from spatialvae.tstr import LabelledImages, train_and_test
+    from spatialvae.lab.features import FeatureNetConfig
+    from spatialvae.lab.tstr import LabelledImages, train_and_test
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(2).repeat_interleave(12)
@@ -438,8 +438,8 @@ def test_tstr_classifier_is_the_same_whatever_ran_before():
 
 
 def test_tstr_repeats_average_classifiers_with_different_seeds():
-    from spatialvae.features import FeatureNetConfig
-    from spatialvae.tstr import LabelledImages, repeated
+    from spatialvae.lab.features import FeatureNetConfig
+    from spatialvae.lab.tstr import LabelledImages, repeated
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(2).repeat_interleave(12)

@@ -427,7 +427,7 @@ def test_the_posterior_noise_comes_from_the_trainers_own_stream():
 
 
 def test_monitor_logs_test_psnr_and_ssim_of_the_posterior_mean(tmp_path):
-    from spatialvae.metrics import psnr, ssim_score
+    from spatialvae.scores import psnr, ssim_score
 
     cfg = smoke_cfg(**{"train.phase1.epochs": 2, "train.phase2.epochs": 0})
     seed_everything(0)

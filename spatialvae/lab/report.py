@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .config import Config, perceptual_mode
-from .data import CLASSES
+from ..config import Config, perceptual_mode
+from ..data import CLASSES
 
 
 def fmt(value, spec: str = "{:.4f}") -> str:

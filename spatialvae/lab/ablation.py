@@ -22,18 +22,18 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import Config, flatten, perceptual_mode
-from .data import make_datasets
-from .errors import ConfigError
+from ..config import Config, flatten, perceptual_mode
+from ..data import make_datasets
+from ..errors import ConfigError
+from ..losses import build_loss
+from ..model import build_model, count_parameters
+from ..runs import atomic_write_bytes, make_logger, read_history_csv
+from ..training import build_trainer, total_epochs
+from ..viz import ablation_figure, close_figure
 from .evaluate import evaluate_run, load_eval_images
 from .features import build_features_file
-from .losses import build_loss
-from .model import build_model, count_parameters
 from .report import ablation_table
-from .runs import atomic_write_bytes, make_logger, read_history_csv
-from .training import build_trainer, total_epochs
 from .variants import VARIANT_NAMES, VARIANTS, variant_configs
-from .viz import ablation_figure, close_figure
 
 
 def _row(name: str, cfg: Config, run_dir: Path, metrics: dict, history: list[dict], images_per_epoch: int) -> dict:

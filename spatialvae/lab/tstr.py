@@ -59,8 +59,8 @@ def train_and_test(train: LabelledImages, val: LabelledImages, test: LabelledIma
 def repeated(train: LabelledImages, val: LabelledImages, test: LabelledImages, cfg: FeatureNetConfig,
              repeats: int, device=None) -> dict:
     """`train_and_test` with classifier seeds cfg.seed, +1, ...: the test split is shifted from
-    train, so one classifier's balanced accuracy swings by several points with its seed alone
-    (0.77 to 0.86 for the real reference, measured). Reports the mean, the spread and each run."""
+    train, so one classifier's balanced accuracy swings by several points with its seed alone.
+    Reports the mean, the spread and each run."""
     runs = [train_and_test(train, val, test, replace(cfg, seed=cfg.seed + r), device) for r in range(repeats)]
     bal = torch.tensor([r["balanced_accuracy"] for r in runs], dtype=torch.float64)
     acc = torch.tensor([r["accuracy"] for r in runs], dtype=torch.float64)

@@ -28,12 +28,12 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 from tqdm.std import tqdm
 
-from .config import DataConfig
-from .data import as_float_images, make_datasets
-from .engine import default_device, seed_everything
-from .errors import CheckpointError, SpatialVAEError, on_disk_full, short_reason
+from ..config import DataConfig
+from ..data import as_float_images, make_datasets
+from ..engine import default_device, seed_everything
+from ..errors import CheckpointError, SpatialVAEError, on_disk_full, short_reason
+from ..runs import atomic_torch_save
 from .metrics import fid_kid
-from .runs import atomic_torch_save
 
 FEATURES_VERSION = 1
 

@@ -48,11 +48,25 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
+from ..config import DataConfig, perceptual_mode
+from ..data import CLASSES, as_float_images, load_split, make_datasets, seeded_subset, unused_train_files
+from ..engine import default_device
+from ..errors import SpatialVAEError, on_disk_full, short_reason
+from ..prior_run import load_prior, prior_path
+from ..runs import atomic_torch_save, atomic_write_bytes, load_model
+from ..sampling import (
+    StandardNormalSampler,
+    decode_latents,
+    encode_dataset,
+    encode_originals,
+    fit_sampler,
+    generate,
+    interpolate,
+)
+from ..scores import psnr, reconstruction_scores, ssim_score
+from ..texture_run import DECODERS, decoder_checkpoint
+from ..viz import image_grid, interleave_rows, save_png
 from .c2st import MIN_PER_SIDE, classifier_two_sample_test
-from .config import DataConfig, perceptual_mode
-from .data import CLASSES, as_float_images, load_split, make_datasets, seeded_subset, unused_train_files
-from .engine import default_device
-from .errors import SpatialVAEError, on_disk_full, short_reason
 from .features import domain_fd_kid, extract_features, feature_dim_ok, load_feature_net
 from .metrics import (
     duplicate_count,
@@ -63,26 +77,10 @@ from .metrics import (
     nearest_neighbour,
     pairwise_ms_ssim,
     pca_reconstruct,
-    psnr,
-    reconstruction_scores,
     sharpness_ratios,
-    ssim_score,
     summarize,
 )
-from .prior_run import load_prior, prior_path
-from .runs import atomic_torch_save, atomic_write_bytes, load_model
-from .sampling import (
-    StandardNormalSampler,
-    decode_latents,
-    encode_dataset,
-    encode_originals,
-    fit_sampler,
-    generate,
-    interpolate,
-)
-from .texture_run import DECODERS, decoder_checkpoint
 from .tstr import LabelledImages, run_tstr
-from .viz import image_grid, interleave_rows, save_png
 
 # Unconditional, then class-conditional (one fit per class, or the learned prior with labels, drawn
 # in the training class mix); learned_label_free is the learned prior's label-free model.

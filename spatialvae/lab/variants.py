@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from .config import LITERAL_SETTINGS, Config, LossConfig, PhaseConfig, get_preset
-from .errors import ConfigError
+from ..config import LITERAL_SETTINGS, Config, LossConfig, PhaseConfig, get_preset
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)

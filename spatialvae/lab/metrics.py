@@ -14,48 +14,19 @@ import socket
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from pytorch_msssim import ms_ssim, ssim
+from pytorch_msssim import ms_ssim
 from torch import nn
 from tqdm.std import tqdm
 
-from .data import as_float_images, make_dataloader, seeded_subset
-from .engine import eval_mode
-from .errors import WeightsError, short_reason
-from .losses import ssim_window_for
+from ..data import as_float_images, seeded_subset
+from ..errors import WeightsError, short_reason
 
-PSNR_CAP_DB = 100.0  # PSNR of identical images is infinite; capped (MSE floor 1e-10) so means and JSON stay finite
-
-
-def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error per image -> (N,)."""
-    return (a.float() - b.float()).abs().flatten(1).mean(1)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image with data range 1 -> (N,), capped at PSNR_CAP_DB (identical images)."""
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
-    return (-10.0 * torch.log10(mse)).clamp(max=PSNR_CAP_DB)  # mse 0 -> inf -> the cap
-
-
-def ssim_score(a: torch.Tensor, b: torch.Tensor, window: int = 11) -> torch.Tensor:
-    """SSIM per image (pytorch-msssim, data range 1, Gaussian window 11 shrunk to fit) -> (N,).
-
-    The same implementation as the training loss's SSIM term, so 1 - this equals the loss's
-    ``ssim`` part on the same images.
-    """
-
-    win = ssim_window_for(min(a.shape[-2:]), window)
-    with torch.autocast(device_type=a.device.type, enabled=False):
-        return ssim(a.float(), b.float(), data_range=1.0, size_average=False, win_size=win)
-
-
-DUPLICATE_MSE = 1e-6  # originals closer than this (PSNR > 60 dB) are the same picture: Kaggle's test split has 6 pairs
+DUPLICATE_MSE = 1e-6  # originals closer than this (PSNR > 60 dB) are the same picture: Kaggle's test split has such pairs
 
 
 def nearest_is_self(recons: torch.Tensor, originals: torch.Tensor, chunk: int = 256,
@@ -93,7 +64,7 @@ def pca_reconstruct(train: torch.Tensor, test: torch.Tensor, k: int) -> torch.Te
     x = train.float().flatten(1)  # (N, D)
     mean = x.mean(0, keepdim=True)
     k = min(k, x.shape[0], x.shape[1])
-    # Exact SVD of the centred data (2,000 x 4,096 at 64 px: about a second on a CPU).
+    # Exact SVD of the centred data: small enough at these sizes to need no randomised solver.
     _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
     v = vh[:k]  # (k, D)
     t = test.float().flatten(1) - mean
@@ -245,7 +216,7 @@ def load_inception(spec: str = "auto") -> tuple[Optional[nn.Module], Optional[st
                                 f"{time.perf_counter() - t0:.2f} s ({short_reason(e)}); {fix}")
     try:
         torch.load(path, map_location="cpu", weights_only=True)
-        from torchmetrics.image.fid import NoTrainInceptionV3  # torchmetrics takes ~2 s to import: only when FID runs
+        from torchmetrics.image.fid import NoTrainInceptionV3  # torchmetrics is slow to import: only when FID runs
 
         net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
                                  feature_extractor_weights_path=str(path))
@@ -290,7 +261,7 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, kid_subsets: 
     images, and subsets as large as the set would all be the same, giving a std of 0), drawn under
     a fixed seed, without touching the global RNG.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance  # ~2 s to import: only when FID runs
+    from torchmetrics.image.fid import FrechetInceptionDistance  # slow to import: only when FID runs
     from torchmetrics.image.kid import KernelInceptionDistance
 
     d = real.shape[1]
@@ -307,35 +278,6 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, kid_subsets: 
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
-
-
-def _image_batches(data, batch_size: int):
-    """Batches of images from a tensor (sliced) or from an (image, label) dataset, in order."""
-    if torch.is_tensor(data):
-        return (data[s:s + batch_size] for s in range(0, len(data), batch_size))
-    return (x for x, _ in make_dataloader(data, batch_size, train=False))
-
-
-@torch.no_grad()
-def reconstruction_scores(model: nn.Module, data, batch_size: int, prepare=lambda x: x, autocast=nullcontext,
-                          keep_recons: bool = False) -> dict:
-    """Per-image SSIM / PSNR / L1 of the decoded posterior means of ``data``, in eval mode (restored
-    after) -> {"ssim", "psnr_db", "l1": (N,) each, on the CPU}, plus "recons" (N, 1, H, W) on the CPU
-    with ``keep_recons``. ``data``: (image, label) pairs (a ChestXRayDataset) or an image tensor (uint8
-    (N, H, W) or float (N, 1, H, W)); ``prepare`` moves a batch to the model's device, where it is scored."""
-    scores = {"ssim": [], "psnr_db": [], "l1": []}
-    recons = []
-    with eval_mode(model):
-        for batch in _image_batches(data, batch_size):
-            x = prepare(as_float_images(batch))  # (B, 1, H, W)
-            with autocast():
-                recon = model(x, sample_posterior=False)[0].float().clamp(0, 1)  # (B, 1, H, W)
-            for name, score in (("ssim", ssim_score), ("psnr_db", psnr), ("l1", l1)):
-                scores[name].append(score(recon, x).cpu())
-            if keep_recons:
-                recons.append(recon.cpu())
-    out = {k: torch.cat(v) for k, v in scores.items()}
-    return {**out, "recons": torch.cat(recons)} if keep_recons else out
 
 
 # ---- sharpness: how much fine detail images hold, as a ratio to real images -----------------------

@@ -36,14 +36,14 @@ from typing import Optional, Sequence
 import cv2
 import torch
 
-from . import data as D
-from .config import Config, DataConfig, get_preset
-from .engine import StepTools, autocast_context, default_device, noise_generator, train_step
-from .errors import SpatialVAEError, short_reason
-from .losses import build_loss
-from .model import build_model, count_parameters
-from .runs import read_history_csv
-from .training import final_beta
+from .. import data as D
+from ..config import Config, DataConfig, get_preset
+from ..engine import StepTools, autocast_context, default_device, noise_generator, train_step
+from ..errors import SpatialVAEError, short_reason
+from ..losses import build_loss
+from ..model import build_model, count_parameters
+from ..runs import read_history_csv
+from ..training import final_beta
 
 # The models of bench's FLOP table (README, Benchmarks): the recipe, the CPU main job and the baseline.
 FLOP_TABLE = (("seed", 128), ("quick", 64), ("original", 128))
@@ -427,12 +427,15 @@ def recommend(rows: list[dict]) -> dict:
 
 # ---- time to quality -----------------------------------------------------------------------------
 
+DEFAULT_THRESHOLDS = (27.1, 28.7)  # dB bars without a metrics.json: the 64 px bicubic map and PCA-1024
+
+
 def time_to_quality(run_dirs: list, thresholds: Optional[tuple] = None) -> dict:
     """Curves and "minutes to reach X dB" from runs trained with ``train --monitor-test``.
 
     ``thresholds`` default: 20 and 24 dB, then the PCA floor and PCA + 1 / + 2 dB of the first run
-    with a metrics.json (so the bars follow the resolution: PCA-1024 is 28.9 dB at 64 px, 26.2 at
-    128 px); without one, 27.1 and 28.7 dB (the 64 px bicubic map and PCA).
+    with a metrics.json (so the bars follow the resolution); without one, the fixed
+    ``DEFAULT_THRESHOLDS`` (the 64 px bicubic map and PCA).
 
     The clock is the sum of each epoch's ``seconds`` (training + validation, not the monitor
     itself), so it is what the same run costs without watching. Only runs made on the same
@@ -441,7 +444,7 @@ def time_to_quality(run_dirs: list, thresholds: Optional[tuple] = None) -> dict:
     floors = _floors(run_dirs)
     if thresholds is None:
         pca = next((f["psnr_db"] for k, f in floors.items() if k.startswith("PCA")), None)
-        thresholds = (20.0, 24.0) + ((27.1, 28.7) if pca is None else tuple(round(pca + d, 2) for d in (0, 1, 2)))
+        thresholds = (20.0, 24.0) + (DEFAULT_THRESHOLDS if pca is None else tuple(round(pca + d, 2) for d in (0, 1, 2)))
     curves, table = {}, []
     for run in map(Path, run_dirs):
         path = run / "history.csv"
