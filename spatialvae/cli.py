@@ -160,8 +160,7 @@ def _load_train_config(args: argparse.Namespace) -> Config:
         return _resume_config(args)
     cfg = Config.from_json(args.config) if args.config else get_preset(args.preset or "seed")
     cfg = cfg.with_overrides(args.set or [])
-    if args.data:
-        cfg.data.root = args.data
+    cfg = cfg.with_data_root(args.data)
     return cfg
 
 
@@ -169,11 +168,9 @@ def _resume_config(args: argparse.Namespace) -> Config:
     """The run's own config.json (+ --set). A --preset / --config given too (the first command
     re-typed with --resume added) is accepted when it matches the run, and refused naming the keys
     that differ otherwise."""
-    cfg_path = Path(args.resume) / "config.json"
-    if not cfg_path.is_file():
-        raise ConfigError(f"{args.resume} is not a run folder (no config.json); pass the folder that "
-                          "`train` created, e.g. runs/003-seed")
-    cfg = Config.from_json(cfg_path).with_overrides(args.set or [])
+    from .runs import RunDir
+
+    cfg = RunDir(args.resume).config().with_overrides(args.set or [])
     if args.config or args.preset:
         given = Config.from_json(args.config) if args.config else get_preset(args.preset)
         diff = cfg.differences(given.with_overrides(args.set or []), ignore=("data.root",))
@@ -183,8 +180,7 @@ def _resume_config(args: argparse.Namespace) -> Config:
             raise ConfigError(f"--resume {args.resume}: the run's config.json differs from "
                               f"{args.config or '--preset ' + args.preset} in {shown}{more}; drop --preset/--config "
                               "to continue the run as it was (use --set to change e.g. train.phase2.epochs)")
-    if args.data:
-        cfg.data.root = args.data
+    cfg = cfg.with_data_root(args.data)
     return cfg
 
 
@@ -260,7 +256,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .runs import load_model
+    from .runs import RunDir, load_model
     from .sampling import parse_label_mix
     from .viz import image_grid, save_png
 
@@ -271,7 +267,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.guidance is not None and args.sampler != "learned":
         raise ConfigError(f"--guidance applies to --sampler learned only, not {args.sampler}; drop it or use learned")
     if args.checkpoint == "last":
-        path = Path(args.run) / "checkpoints" / "last.pt"
+        path = RunDir(args.run).last
     else:
         from .texture_run import decoder_checkpoint
         path = decoder_checkpoint(args.run, args.decoder)
@@ -321,8 +317,7 @@ def _fitted_sampler(args: argparse.Namespace, model, cfg, epoch: int, per_class:
     from .prior_run import run_latents
     from .sampling import fit_sampler
 
-    if args.data is not None:
-        cfg.data.root = args.data
+    cfg = cfg.with_data_root(args.data)
     lat = run_latents(model, make_datasets(cfg.data, seed=cfg.train.seed, progress=False), val=False)
     return fit_sampler(args.sampler, lat["train"], lat["train_labels"] if per_class else None, args.seed)
 
@@ -331,16 +326,15 @@ def cmd_prior(args: argparse.Namespace) -> int:
     """Train (or finish) the learned latent prior of an existing run."""
 
     from .prior_run import fit_run_prior, prior_path
+    from .runs import RunDir
 
-    cfg_path = Path(args.run) / "config.json"
-    if not cfg_path.is_file():
-        raise ConfigError(f"{args.run} is not a run folder (no config.json); pass the folder `train` created")
+    run = RunDir(args.run)
+    run.config()  # a run folder, or one line saying it is not
     bad = [s for s in args.set if not s.startswith("prior.")]
     if bad:
         raise ConfigError(f"`prior --set` changes only prior.* settings, not {bad[0]!r}; e.g. --set prior.steps=3000")
-    cfg = Config.from_json(cfg_path).with_overrides(args.set)
-    if args.data:
-        cfg.data.root = args.data
+    cfg = run.config().with_overrides(args.set)
+    cfg = cfg.with_data_root(args.data)
     t0 = time.perf_counter()
     prior = fit_run_prior(args.run, cfg, progress=not args.quiet, force=args.force, if_done="error",
                           log=lambda msg: print(msg, flush=True))
@@ -393,8 +387,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     base = ablation_base(args.preset, tuple(args.epochs), args.perceptual, args.set or [])
-    if args.data:
-        base.data.root = args.data
+    base = base.with_data_root(args.data)
     out = Path(args.out)
     features = args.features
     if features is not None and str(features).lower() == "none":

@@ -299,6 +299,15 @@ class Config:
         cfg.validate()
         return cfg
 
+    def with_data_root(self, root: Optional[str | os.PathLike]) -> "Config":
+        """A copy reading its images from ``root`` (None: this config itself): the one way a command's
+        --data reaches a run's config, since the folder is where the data is, not how the run was made."""
+        if root is None or root == "":
+            return self
+        cfg = copy.deepcopy(self)
+        cfg.data.root = str(root)
+        return cfg
+
     def validate(self) -> "Config":
         d, m, lo, t = self.data, self.model, self.loss, self.train
         _check(d.image_size >= 16 and d.image_size % 16 == 0, "data.image_size", d.image_size,

@@ -17,17 +17,16 @@ import torch
 from torch import nn
 from tqdm.std import tqdm
 
-from .config import Config
 from .data import make_datasets
 from .engine import default_device
 from .errors import CheckpointError, SpatialVAEError, on_disk_full, short_reason
 from .prior import N_CLASSES, LearnedPrior, PriorFit, flow_matching_loss
-from .runs import atomic_torch_save, load_model
+from .runs import RunDir, atomic_torch_save, load_model
 from .sampling import encode_originals
 
 
 def prior_path(run_dir) -> Path:
-    return Path(run_dir) / "checkpoints" / "prior.pt"
+    return RunDir(run_dir).checkpoint("prior")
 
 
 def _read_prior_file(path: Path) -> dict:
@@ -114,13 +113,13 @@ def fit_run_prior(run_dir, cfg=None, splits=None, device=None, progress: bool = 
     an unfinished one is resumed when its settings match. Saves every ``prior.log_every`` steps.
     """
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / "checkpoints" / "best.pt"
+    ckpt_path = RunDir(run_dir).best
     device = device or default_device()  # the VAE encodes there; the prior itself trains on the CPU
     model, run_cfg, ckpt = load_model(ckpt_path, device)
     if len(model.latent_shape) != 3:
         raise SpatialVAEError(f"the learned prior needs a spatial latent (C, H, W); run {run_dir} has a flat latent "
                               f"{tuple(model.latent_shape)} (architecture {run_cfg.model.architecture})")
-    cfg = cfg or (Config.from_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else run_cfg)
+    cfg = cfg or (RunDir(run_dir).config() if RunDir(run_dir).is_run() else run_cfg)
     path = prior_path(run_dir)
     state = None
     if path.is_file() and not force:

@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable, Optional
 import torch
 
 from .config import LITERAL_SETTINGS, Config
-from .errors import CheckpointError, SpatialVAEError, short_reason, write_error
+from .errors import CheckpointError, ConfigError, SpatialVAEError, short_reason, write_error
 from .model import build_model
 
 # 2: the departures from the literal recipe became the defaults; 3: model.decoder_skip
@@ -98,6 +98,55 @@ def _torch_save(obj, f: BinaryIO) -> None:
 
 
 # ---- run folders, log, history -----------------------------------------------------------------
+class RunDir:
+    """One run folder, and the one place its layout is spelled::
+
+        RUN/config.json  train.log  history.csv  metrics.json
+        RUN/checkpoints/best.pt  last.pt  sharp.pt  texture.pt  prior.pt
+        RUN/samples/epoch_XXX.png  eval_*.png  eval_images.pt
+
+    ``RunDir(path).config()`` is the run's config: its ``config.json``, which `train --resume` reads.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, name: str) -> Path:
+        """``checkpoints/NAME.pt``: best, last, sharp, texture or prior."""
+        return self.checkpoints / f"{name}.pt"
+
+    best = property(lambda self: self.checkpoint("best"))
+    last = property(lambda self: self.checkpoint("last"))
+    config_json = property(lambda self: self.root / "config.json")
+    history = property(lambda self: self.root / "history.csv")
+    log_file = property(lambda self: self.root / "train.log")
+    metrics = property(lambda self: self.root / "metrics.json")
+    samples = property(lambda self: self.root / "samples")
+
+    def epoch_grid(self, epoch: int) -> Path:
+        return self.samples / f"epoch_{epoch:03d}.png"
+
+    def is_run(self) -> bool:
+        return self.config_json.is_file()
+
+    def config(self) -> Config:
+        """The run's config from its config.json; one line naming the folder when there is none."""
+        if not self.is_run():
+            raise ConfigError(f"{self.root} is not a run folder (no config.json); pass the folder that `train` "
+                              "created, e.g. runs/003-seed")
+        return Config.from_json(self.config_json)
+
+
 def create_run_dir(out: str | os.PathLike, name: str) -> Path:
     """``out/NNN-name`` with NNN one more than the highest existing number (DiT-style)."""
     out = Path(out)
@@ -130,7 +179,7 @@ def make_logger(run_dir: Optional[Path]) -> logging.Logger:
         console.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(console)
     if run_dir is not None and not any(isinstance(h, _LogFile) for h in log.handlers):  # (again, after a failure)
-        path = Path(run_dir) / "train.log"
+        path = RunDir(run_dir).log_file
         try:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             fh = _LogFile(path, log)

@@ -25,18 +25,18 @@ from .data import make_datasets
 from .engine import default_device
 from .errors import CheckpointError, SpatialVAEError, on_disk_full, short_reason
 from .losses import build_loss
-from .runs import CHECKPOINT_VERSION, atomic_torch_save, load_model
+from .runs import CHECKPOINT_VERSION, RunDir, atomic_torch_save, load_model
 from .texture import TEXTURE_KIND, TextureStage, head_inputs
 
 DECODERS = ("sharp", "smooth")
 
 
 def texture_state_path(run_dir) -> Path:
-    return Path(run_dir) / "checkpoints" / "texture.pt"
+    return RunDir(run_dir).checkpoint("texture")
 
 
 def sharp_path(run_dir) -> Path:
-    return Path(run_dir) / "checkpoints" / "sharp.pt"
+    return RunDir(run_dir).checkpoint("sharp")
 
 
 def decoder_checkpoint(run_dir, decoder: Optional[str] = None) -> Path:
@@ -50,7 +50,7 @@ def decoder_checkpoint(run_dir, decoder: Optional[str] = None) -> Path:
                               "or pass --decoder smooth")
     if decoder in (None, "sharp") and sharp.is_file():
         return sharp
-    return run_dir / "checkpoints" / "best.pt"
+    return RunDir(run_dir).best
 
 
 def _read_state(path: Path, run_dir: Path) -> dict:
@@ -71,7 +71,7 @@ def fit_run_texture(run_dir, cfg: Config, splits=None, device=None, progress: bo
     A finished stage with the same settings for the same ``best.pt`` is kept; an unfinished one
     with them is resumed; anything else is trained again from ``best.pt``."""
     run_dir = Path(run_dir)
-    best = run_dir / "checkpoints" / "best.pt"
+    best = RunDir(run_dir).best
     model, _, ckpt = load_model(best, device or default_device())
     vae_epoch, settings = int(ckpt.get("epoch", 0)), asdict(cfg.texture)
     state_path, out = texture_state_path(run_dir), sharp_path(run_dir)

@@ -51,6 +51,7 @@ from .losses import build_loss
 from .model import build_model
 from .runs import (
     CHECKPOINT_VERSION,
+    RunDir,
     atomic_torch_save,
     atomic_write_bytes,
     check_compatible,
@@ -256,7 +257,7 @@ class Trainer:
 
     def _write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.run_dir / "config.json", (self.cfg.to_json() + "\n").encode())
+        atomic_write_bytes(RunDir(self.run_dir).config_json, (self.cfg.to_json() + "\n").encode())
         if self.epoch == 0:
             self.log.info(describe_run(self))
 
@@ -314,15 +315,16 @@ class Trainer:
         """history.csv, then best.pt before last.pt: if writing stops between the two, resuming from the
         older last.pt replays this epoch and writes both again, where the other order would leave best.pt
         without this epoch for good."""
-        write_history_csv(self.history, self.run_dir / "history.csv")
+        run = RunDir(self.run_dir)
+        write_history_csv(self.history, run.history)
         if best:
-            self.save(self.run_dir / "checkpoints" / "best.pt")
-        self.save(self.run_dir / "checkpoints" / "last.pt")
+            self.save(run.best)
+        self.save(run.last)
 
     def save_samples(self, path: Optional[Path] = None) -> Path:
         """Samples (the same draws every time) and val reconstructions -> samples/epoch_XXX.png
         (see `sampling.epoch_sheet`)."""
-        path = path or (self.run_dir / "samples" / f"epoch_{self.epoch:03d}.png")
+        path = path or RunDir(self.run_dir).epoch_grid(self.epoch)
         gen = torch.Generator().manual_seed(self._sample_gen_seed)
         return save_png(epoch_sheet(self.raw_model, self.val_data, self.cfg.train.n_samples, gen, self._autocast), path)
 
@@ -515,7 +517,7 @@ def build_trainer(cfg: Config, train_data: Dataset, val_data: Optional[Dataset],
     loss = loss if loss is not None else build_loss(cfg)
     trainer = Trainer(model, loss, train_data, val_data, cfg, run_dir=run_dir, device=device, progress=progress,
                       monitor_data=monitor_data)
-    last = run_dir / "checkpoints" / "last.pt"
+    last = RunDir(run_dir).last
     if resume is True or (resume == "auto" and last.is_file()):
         trainer.load(last)
         trainer.log.info(f"resumed {run_dir} at epoch {trainer.epoch + 1} of {total_epochs(cfg.train)}")

@@ -3,14 +3,15 @@ single-process defaults of `spatialvae.distributed`."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from spatialvae import distributed
 from spatialvae.cli import build_parser, main
 from spatialvae.config import get_preset
-from spatialvae.errors import CheckpointError
+from spatialvae.errors import CheckpointError, ConfigError
 from spatialvae.model import build_model
-from spatialvae.runs import CHECKPOINT_VERSION, atomic_torch_save, load_checkpoint, load_model
+from spatialvae.runs import CHECKPOINT_VERSION, RunDir, atomic_torch_save, load_checkpoint, load_model
 
 
 def _run_folder(tmp_path, preset="smoke", overrides=()):
@@ -78,3 +79,25 @@ def test_distributed_helpers_are_single_process_no_ops():
     distributed.barrier()
     distributed.shutdown()
     assert order == ["body"]
+
+
+def test_run_dir_spells_every_path_of_a_run_folder(tmp_path):
+
+    run = RunDir(tmp_path / "007-quick")
+    assert run.best == tmp_path / "007-quick" / "checkpoints" / "best.pt"
+    assert run.checkpoint("prior") == tmp_path / "007-quick" / "checkpoints" / "prior.pt"
+    assert run.epoch_grid(3) == tmp_path / "007-quick" / "samples" / "epoch_003.png"
+    assert (run.config_json.name, run.history.name, run.metrics.name, run.log_file.name) == (
+        "config.json", "history.csv", "metrics.json", "train.log")
+    with pytest.raises(ConfigError, match=r"007-quick is not a run folder \(no config.json\)"):
+        run.config()
+    run.root.mkdir()
+    run.config_json.write_text(get_preset("smoke").to_json())
+    assert run.is_run() and run.config().preset == "smoke"
+
+
+def test_with_data_root_copies_and_none_keeps_the_config():
+    cfg = get_preset("smoke")
+    assert cfg.with_data_root(None) is cfg
+    moved = cfg.with_data_root("/elsewhere")
+    assert moved.data.root == "/elsewhere" and cfg.data.root != "/elsewhere"

@@ -27,7 +27,7 @@ from ..data import make_datasets
 from ..errors import ConfigError
 from ..losses import build_loss
 from ..model import build_model, count_parameters
-from ..runs import atomic_write_bytes, make_logger, read_history_csv
+from ..runs import RunDir, atomic_write_bytes, make_logger, read_history_csv
 from ..training import build_trainer, total_epochs
 from ..viz import ablation_figure, close_figure
 from .evaluate import evaluate_run, load_eval_images
@@ -115,8 +115,8 @@ def run_ablation(out: str | os.PathLike, base: Config, names: Optional[Sequence[
     rows = []
     for i, (name, cfg) in enumerate(configs.items()):
         run_dir = out / name
-        metrics_path = run_dir / "metrics.json"
-        done = (run_dir / "history.csv").is_file() and len(read_history_csv(run_dir / "history.csv")) >= total_epochs(cfg.train)
+        metrics_path, history_path = RunDir(run_dir).metrics, RunDir(run_dir).history
+        done = history_path.is_file() and len(read_history_csv(history_path)) >= total_epochs(cfg.train)
         log.info(f"[{i + 1}/{len(configs)}] {name}: {next(v.change for v in VARIANTS if v.name == name)}"
                  + (" (already trained)" if done else ""))
         if not done:
@@ -129,7 +129,7 @@ def run_ablation(out: str | os.PathLike, base: Config, names: Optional[Sequence[
                          samplers=("standard_normal", "aggregate_posterior", "gmm"), progress=progress, device=device,
                          n_samples=n_samples, seed=base.train.seed)
         metrics = json.loads(metrics_path.read_text())
-        history = read_history_csv(run_dir / "history.csv")
+        history = read_history_csv(history_path)
         per_epoch = len(splits.train) // cfg.data.batch_size * cfg.data.batch_size  # full batches only
         rows.append(_row(name, cfg, run_dir, metrics, history, per_epoch))
         r = rows[-1]

@@ -42,7 +42,7 @@ from ..engine import StepTools, autocast_context, default_device, noise_generato
 from ..errors import SpatialVAEError, short_reason
 from ..losses import build_loss
 from ..model import build_model, count_parameters
-from ..runs import read_history_csv
+from ..runs import RunDir, read_history_csv
 from ..training import final_beta
 
 # The models of bench's FLOP table (README, Benchmarks): the recipe, the CPU main job and the baseline.
@@ -447,7 +447,7 @@ def time_to_quality(run_dirs: list, thresholds: Optional[tuple] = None) -> dict:
         thresholds = (20.0, 24.0) + (DEFAULT_THRESHOLDS if pca is None else tuple(round(pca + d, 2) for d in (0, 1, 2)))
     curves, table = {}, []
     for run in map(Path, run_dirs):
-        path = run / "history.csv"
+        path = RunDir(run).history
         if not path.is_file():
             raise SpatialVAEError(f"no history.csv in {run}: pass run folders made by `train`")
         rows = read_history_csv(path)
@@ -474,7 +474,7 @@ def time_to_quality(run_dirs: list, thresholds: Optional[tuple] = None) -> dict:
 def _floors(run_dirs: list) -> dict:
     """PSNR / SSIM floors from the first run that has an `evaluate` metrics.json (same test split)."""
     for run in map(Path, run_dirs):
-        path = run / "metrics.json"
+        path = RunDir(run).metrics
         if path.is_file():
             f = json.loads(path.read_text()).get("floors") or {}
             if "pca" in f:

@@ -53,7 +53,7 @@ from ..data import CLASSES, as_float_images, load_split, make_datasets, seeded_s
 from ..engine import default_device
 from ..errors import SpatialVAEError, on_disk_full, short_reason
 from ..prior_run import load_prior, prior_path
-from ..runs import atomic_torch_save, atomic_write_bytes, load_model
+from ..runs import RunDir, atomic_torch_save, atomic_write_bytes, load_model
 from ..sampling import (
     StandardNormalSampler,
     decode_latents,
@@ -662,7 +662,7 @@ def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
     if checkpoint == "auto" or checkpoint in DECODERS:
         return decoder_checkpoint(run_dir, None if checkpoint == "auto" else checkpoint)
     if checkpoint in ("best", "last"):
-        return run_dir / "checkpoints" / f"{checkpoint}.pt"
+        return RunDir(run_dir).checkpoint(checkpoint)
     return Path(checkpoint)
 
 
@@ -678,11 +678,9 @@ def _load_feature_file(features_path) -> tuple:
     return load_feature_net(features_path)
 
 
-def _evaluation_data(cfg, data_root, n_samples: Optional[int], progress: bool):
-    """The run's splits (``data_root`` overrides its folder) and the number of images per sampler."""
+def _evaluation_data(cfg, n_samples: Optional[int], progress: bool):
+    """The run's splits and the number of images per sampler."""
 
-    if data_root is not None:
-        cfg.data.root = str(data_root)
     splits = make_datasets(cfg.data, seed=cfg.train.seed, progress=progress)
     n_gen = int(n_samples) if n_samples is not None else len(splits.test.images)
     if n_gen < 2:
@@ -754,7 +752,8 @@ def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None
     # Before the data and the model work: an explicit weights file that cannot be used fails fast.
     domain_net, domain_info = _load_feature_file(features_path)
     net, inception_weights, inception_reason = load_inception(inception)
-    splits, n_gen = _evaluation_data(cfg, data_root, n_samples, progress)
+    cfg = cfg.with_data_root(data_root)  # c2st's unused training files are found there too
+    splits, n_gen = _evaluation_data(cfg, n_samples, progress)
     train_u8, test_u8, test_labels = splits.train.images, splits.test.images, splits.test.labels
     grids: dict = {}  # {samples/eval_*.png: grid}, written once everything is computed
 
@@ -821,12 +820,12 @@ def _write_metrics(run_dir: Path, metrics: dict) -> dict:
     """NaN/inf -> null, then run_dir/metrics.json atomically; returns what was written."""
 
     metrics = _json_safe(metrics)
-    atomic_write_bytes(run_dir / "metrics.json", (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(RunDir(run_dir).metrics, (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
     return metrics
 
 
 def eval_images_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "samples" / "eval_images.pt"
+    return RunDir(run_dir).samples / "eval_images.pt"
 
 
 def load_eval_images(run_dir: str | os.PathLike) -> dict:
