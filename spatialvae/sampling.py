@@ -99,7 +99,7 @@ class GaussianSampler:
     10x if needed); ``sample`` returns ``mean + L @ eps`` with eps ~ N(0, I) drawn by torch.
     """
 
-    name = "aggregate_posterior"
+    name = "gaussian"
 
     def __init__(self, ridge: float = 1e-5):
         self.ridge = ridge
@@ -233,6 +233,15 @@ class PerClass:
 
     def describe(self) -> dict:
         return {"kind": "one sampler per class", "classes": {CLASSES[k]: s.describe() for k, s in self.samplers.items()}}
+
+
+# One name per sampler, spelled the same in the CLI, `evaluate`, metrics.json and the notebook:
+# unconditional, then class-conditional (one fit per class, or the learned prior with labels, drawn
+# in the training class mix); learned_label_free is the learned prior's label-free model.
+SAMPLER_NAMES = ("standard_normal", "gaussian", "gmm", "gaussian_per_class", "gmm_per_class", "learned",
+                 "learned_label_free")
+# What files written before the names were unified call them; read at the file boundary only.
+OLD_SAMPLER_NAMES = {"aggregate_posterior": "gaussian", "aggregate_posterior_per_class": "gaussian_per_class"}
 
 
 def fit_sampler(kind: str, latents: torch.Tensor, labels: Optional[torch.Tensor] = None, seed: int = 0):
@@ -381,5 +390,6 @@ def epoch_sheet(model: nn.Module, val_data: Optional[Dataset], n: int, generator
 
 
 __all__ = ["StandardNormalSampler", "GaussianSampler", "GMMSampler", "PerClass", "fit_sampler", "parse_label_mix",
+           "SAMPLER_NAMES", "OLD_SAMPLER_NAMES",
            "CLASSES", "encode_dataset", "encode_originals", "decode_latents", "generate", "interpolate",
            "save_grid", "epoch_sheet"]

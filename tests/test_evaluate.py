@@ -218,7 +218,7 @@ def test_evaluate_run_with_a_feature_network_fills_fid_and_kid(smoke_run, offlin
 
     monkeypatch.setattr(ev, "load_inception", lambda spec: (PooledPixels(), "stand-in", None))
     run, tree = smoke_run
-    m = _evaluate(run, tree, samplers=("standard_normal", "aggregate_posterior"))
+    m = _evaluate(run, tree, samplers=("standard_normal", "gaussian"))
     assert "inception_unavailable" not in m and m["inception"]["weights"] == "stand-in"
     floor = m["reference"]["train_vs_test"]
     assert floor["n_train"] == 6 and floor["fid"] >= 0 and floor["kid_std"] >= 0
@@ -246,11 +246,11 @@ def test_evaluate_run_options(smoke_run, offline, monkeypatch):
 def test_evaluate_run_on_real_data_smoke_run(real_smoke_run, tmp_path, offline):
     """The session's `train --preset smoke` on the real data, then the evaluation."""
     run = copy_run(real_smoke_run, tmp_path)
-    m = ev.evaluate_run(run, device="cpu", progress=False, samplers=("standard_normal", "aggregate_posterior"))
+    m = ev.evaluate_run(run, device="cpu", progress=False, samplers=("standard_normal", "gaussian"))
     assert m["inception_unavailable"] and m["samplers"]["standard_normal"]["fid"] is None
     assert m["n_generated"] == m["data"]["n_test"] == sum(m["data"]["test_counts"].values())
     assert m["reconstruction"]["NORMAL"]["n"] > 0 and m["reconstruction"]["PNEUMONIA"]["n"] > 0
-    assert (run / "metrics.json").is_file() and (run / "samples" / "eval_aggregate_posterior.png").is_file()
+    assert (run / "metrics.json").is_file() and (run / "samples" / "eval_gaussian.png").is_file()
 
 
 def test_load_eval_images_missing_or_damaged_file(tmp_path):
@@ -412,3 +412,16 @@ def test_evaluate_command_picks_the_decoder(flags, checkpoint, monkeypatch, caps
     assert main(["evaluate", "--run", "RUN", *flags]) == 2 and seen == {"checkpoint": checkpoint}
     assert main(["evaluate", "--run", "RUN", "--decoder", "smooth", "--checkpoint", "last"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_one_name_per_sampler_and_old_files_read_with_todays(tmp_path):
+    from spatialvae.sampling import OLD_SAMPLER_NAMES, SAMPLER_NAMES, GaussianSampler
+
+    assert ev.SAMPLERS == SAMPLER_NAMES and GaussianSampler.name == "gaussian"
+    assert set(ev.TSTR_SOURCES) <= set(SAMPLER_NAMES) and not set(OLD_SAMPLER_NAMES) & set(SAMPLER_NAMES)
+    old = {"samplers": {"aggregate_posterior": {"fd": 1.0}, "gmm": {"fd": 2.0}},
+           "tstr": {"aggregate_posterior_per_class": {"acc": 0.5}}, "floors": {"mean image": {}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(old))
+    m = ev.read_metrics(tmp_path / "metrics.json")
+    assert m["samplers"] == {"gaussian": {"fd": 1.0}, "gmm": {"fd": 2.0}}
+    assert m["tstr"] == {"gaussian_per_class": {"acc": 0.5}} and m["floors"] == old["floors"]

@@ -118,7 +118,7 @@ def test_features_cli_and_evaluate_with_features(tiny_features, real_smoke_run, 
     normal, pneumonia = dom["val_vs_train"]["class_counts"].values()  # in train's 16 : 16 mix, not val's own
     assert abs(normal - pneumonia) <= 1 and normal + pneumonia == dom["val_vs_train"]["n"]
     assert "real validation images (held-out patients: the bar)" in stdout
-    for name in ("standard_normal", "aggregate_posterior", "learned", "gmm_per_class"):
+    for name in ("standard_normal", "gaussian", "learned", "gmm_per_class"):
         s = m["samplers"][name]
         assert s["domain_fd"] >= 0 and s["domain_kid_std"] > 0 and s["domain_fd_vs_train"] >= 0
         assert s["domain_fd_vs_train_at_val_n"] >= 0

@@ -123,7 +123,7 @@ def test_guidance_zero_is_the_label_free_model_and_one_the_plain_conditional(fit
 
 def test_per_class_sampler_fits_one_model_per_class():
     x, y = two_clusters(100)
-    pc = PerClass(GaussianSampler, "aggregate_posterior").fit(x, y)
+    pc = PerClass(GaussianSampler, "gaussian").fit(x, y)
     z = pc.sample(6, torch.Generator().manual_seed(0), labels=torch.tensor([1, 0, 1, 0, 0, 1]))
     assert z.shape == (6, *SHAPE)
     assert (z.flatten(1).mean(1).sign() == torch.tensor([1, -1, 1, -1, -1, 1.0])).all()
@@ -389,14 +389,14 @@ def test_evaluate_has_learned_and_conditional_rows_and_tstr(prior_run, offline):
     assert list(m["samplers"]) == list(SAMPLERS)
     assert m["samplers"]["learned"]["conditional"] and not m["samplers"]["gmm"]["conditional"]
     t = m["tstr"]
-    assert set(t) >= {"real", "aggregate_posterior_per_class", "gmm_per_class", "learned"}
+    assert set(t) >= {"real", "gaussian_per_class", "gmm_per_class", "learned"}
     assert t["per_class"] == 3
     assert t["learned"]["n_train"] == 6 and t["learned"]["n"] == m["data"]["n_test"]
     assert t["learned"]["ratio_to_real"] == pytest.approx(t["learned"]["balanced_accuracy"]
                                                           / t["real"]["balanced_accuracy"])
     table = metrics_table(m)
     assert "| learned |" in table and "TSTR" in table
-    for key in ("learned_normal", "learned_pneumonia", "gmm_per_class_normal", "aggregate_posterior_per_class_pneumonia"):
+    for key in ("learned_normal", "learned_pneumonia", "gmm_per_class_normal", "gaussian_per_class_pneumonia"):
         assert (run / m["images"][key]).is_file()
     assert "learned_label_free_normal" not in m["images"]
 

@@ -30,7 +30,7 @@ from ..model import build_model, count_parameters
 from ..runs import RunDir, atomic_write_bytes, make_logger, read_history_csv
 from ..training import build_trainer, total_epochs
 from ..viz import ablation_figure, close_figure
-from .evaluate import evaluate_run, load_eval_images
+from .evaluate import evaluate_run, load_eval_images, read_metrics
 from .features import build_features_file
 from .report import ablation_table
 from .variants import VARIANT_NAMES, VARIANTS, variant_configs
@@ -59,7 +59,7 @@ def _row(name: str, cfg: Config, run_dir: Path, metrics: dict, history: list[dic
         "best_epoch": metrics["checkpoint"]["epoch"],
         "test_ssim": rec["ssim"], "test_psnr_db": rec["psnr_db"], "test_l1": rec["l1"],
         "test_identity": metrics["reconstruction"].get("identity"),
-        "standard_normal": sampler("standard_normal"), "aggregate_posterior": sampler("aggregate_posterior"), "gmm": sampler("gmm"),
+        "standard_normal": sampler("standard_normal"), "gaussian": sampler("gaussian"), "gmm": sampler("gmm"),
         "perceptual_mode": metrics["perceptual_mode"],
         "eval_seconds": metrics["seconds"],
     }
@@ -126,9 +126,9 @@ def run_ablation(out: str | os.PathLike, base: Config, names: Optional[Sequence[
             del trainer
         if not metrics_path.is_file():
             evaluate_run(run_dir, checkpoint="best", features_path=features_path, inception=inception,
-                         samplers=("standard_normal", "aggregate_posterior", "gmm"), progress=progress, device=device,
+                         samplers=("standard_normal", "gaussian", "gmm"), progress=progress, device=device,
                          n_samples=n_samples, seed=base.train.seed)
-        metrics = json.loads(metrics_path.read_text())
+        metrics = read_metrics(metrics_path)
         history = read_history_csv(history_path)
         per_epoch = len(splits.train) // cfg.data.batch_size * cfg.data.batch_size  # full batches only
         rows.append(_row(name, cfg, run_dir, metrics, history, per_epoch))

@@ -5,7 +5,7 @@ writes ``run_dir/metrics.json`` plus sample grids under ``run_dir/samples/eval_*
 
 * reconstruction of the test split (decoding the posterior mean): SSIM, PSNR, L1, overall and
   per class;
-* sample quality for each sampler (``standard_normal`` = N(0, I), ``aggregate_posterior`` = a Gaussian
+* sample quality for each sampler (``standard_normal`` = N(0, I), ``gaussian`` = a Gaussian
   fitted to the training posterior means, ``gmm`` = a Gaussian mixture on them, their
   ``*_per_class`` versions fitted per class, and ``learned`` = the run's flow-matching prior,
   `spatialvae.prior`): FID and KID against the test split, with the train-vs-test value as the
@@ -55,6 +55,8 @@ from ..errors import SpatialVAEError, on_disk_full, short_reason
 from ..prior_run import load_prior, prior_path
 from ..runs import RunDir, atomic_torch_save, atomic_write_bytes, load_model
 from ..sampling import (
+    OLD_SAMPLER_NAMES,
+    SAMPLER_NAMES,
     StandardNormalSampler,
     decode_latents,
     encode_dataset,
@@ -82,12 +84,9 @@ from .metrics import (
 )
 from .tstr import LabelledImages, run_tstr
 
-# Unconditional, then class-conditional (one fit per class, or the learned prior with labels, drawn
-# in the training class mix); learned_label_free is the learned prior's label-free model.
-SAMPLERS = ("standard_normal", "aggregate_posterior", "gmm", "aggregate_posterior_per_class", "gmm_per_class", "learned",
-            "learned_label_free")
+SAMPLERS = SAMPLER_NAMES  # every row evaluate can score (spatialvae.sampling names them)
 LEARNED = ("learned", "learned_label_free")  # need the run's checkpoints/prior.pt
-TSTR_SOURCES = ("aggregate_posterior_per_class", "gmm_per_class", "learned")  # class-conditional samplers
+TSTR_SOURCES = ("gaussian_per_class", "gmm_per_class", "learned")  # class-conditional samplers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +339,7 @@ def sampler_labels(name: str, train_labels: torch.Tensor, n: int, seed: int) -> 
     mix); the label-free row asks for label 2 (no label); unconditional rows for none."""
     if name == "learned_label_free":
         return torch.full((n,), len(CLASSES), dtype=torch.long)
-    if name in ("aggregate_posterior_per_class", "gmm_per_class", "learned"):
+    if name in ("gaussian_per_class", "gmm_per_class", "learned"):
         if n <= len(train_labels):
             return train_labels[seeded_subset(len(train_labels), n, seed)].long()
         return train_labels.long()[torch.randint(len(train_labels), (n,), generator=torch.Generator().manual_seed(seed))]
@@ -354,9 +353,7 @@ def _fit_sampler(name: str, model: nn.Module, seed: int, prior, train_mu, train_
         return StandardNormalSampler(model.latent_shape)
     if name in LEARNED:
         return prior
-    base = name.removesuffix("_per_class")
-    kind = "gaussian" if base == "aggregate_posterior" else base
-    return fit_sampler(kind, train_mu, train_labels if name.endswith("_per_class") else None, seed)
+    return fit_sampler(name.removesuffix("_per_class"), train_mu, train_labels if name.endswith("_per_class") else None, seed)
 
 
 def _draw(name: str, model: nn.Module, prior, train_mu: Optional[torch.Tensor], train_labels: torch.Tensor,
@@ -826,6 +823,16 @@ def _write_metrics(run_dir: Path, metrics: dict) -> dict:
 
 def eval_images_path(run_dir: str | os.PathLike) -> Path:
     return RunDir(run_dir).samples / "eval_images.pt"
+
+
+def read_metrics(path: str | os.PathLike) -> dict:
+    """A metrics.json as `evaluate_run` writes it today: sampler names of older files are read as
+    the current ones (`spatialvae.sampling.OLD_SAMPLER_NAMES`), here and nowhere else."""
+    metrics = json.loads(Path(path).read_text())
+    for section in ("samplers", "tstr"):
+        if isinstance(metrics.get(section), dict):
+            metrics[section] = {OLD_SAMPLER_NAMES.get(k, k): v for k, v in metrics[section].items()}
+    return metrics
 
 
 def load_eval_images(run_dir: str | os.PathLike) -> dict:
