@@ -96,3 +96,23 @@ def test_bad_input_is_one_clear_sentence(fake, real, match):
     with pytest.raises(ValueError, match=match) as err:
         classifier_two_sample_test(fake, real)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("full_batches_only,steps", [(False, 3), (True, 2)])  # 10 images in batches of 4
+def test_the_shared_classifier_trainer_draws_its_batches_and_learns(full_batches_only, steps):
+    from spatialvae.lab.classifier import ClassifierSchedule, fit_classifier
+
+    net = torch.nn.Linear(2, 1)
+    x, y = torch.randn(10, 2, generator=torch.Generator().manual_seed(0)), torch.ones(10, 1)
+    seen, calls = [], []
+    s = ClassifierSchedule(epochs=2, batch_size=4, lr=0.1, full_batches_only=full_batches_only)
+
+    def loss_fn(out, t):
+        seen.append(len(out))
+        return torch.nn.functional.binary_cross_entropy_with_logits(out, t)
+
+    losses = fit_classifier(net, x, y, loss_fn, s, torch.Generator().manual_seed(0),
+                            on_epoch=lambda e, loss: calls.append((e, loss)))
+    assert len(seen) == 2 * steps and sum(seen) == (20 if not full_batches_only else 16)
+    assert [e for e, _ in calls] == [0, 1] and [loss for _, loss in calls] == losses
+    assert losses[1] < losses[0]  # all targets 1: one direction to learn

@@ -19,16 +19,15 @@ statistics (noise, blur, texture) and coarse layout, not every subtle difference
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.std import tqdm
 
 from ..engine import default_device, eval_mode
+from .classifier import ClassifierSchedule, fit_classifier, hflip
 
 MIN_PER_SIDE = 8  # fewer: 4 held-out images a side, so the accuracy moves in steps of 1/8 and means little
 # The schedule's calibration (same distribution, blurred, noised: docs/results/defaults.md) is what set
@@ -94,27 +93,6 @@ def _halves(x: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, 
     """n seeded images of x (the larger set is cut to the smaller's count), split into (train, held out)."""
     pick = torch.randperm(len(x), generator=g)[:n]
     return x[pick[: n // 2]], x[pick[n // 2:]]
-
-
-def _train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, g: torch.Generator,
-           progress: bool) -> float:
-    """AdamW with a cosine decay, horizontal flips (p = 0.5, seeded) -> the last epoch's mean loss."""
-    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    steps = math.ceil(len(x) / BATCH_SIZE)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
-    loss_sum = 0.0
-    for _ in tqdm(range(epochs), desc="C2ST", disable=not progress, leave=False, file=sys.stderr):
-        order, loss_sum = torch.randperm(len(x), generator=g), 0.0
-        for idx in order.split(BATCH_SIZE):
-            flip = (torch.rand(len(idx), generator=g) < 0.5).to(x.device).view(-1, 1, 1, 1)
-            xb = torch.where(flip, x[idx].flip(-1), x[idx])
-            loss = F.binary_cross_entropy_with_logits(net(xb), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(idx)
-    return loss_sum / len(x)
 
 
 @torch.no_grad()
@@ -190,7 +168,9 @@ def classifier_two_sample_test(fake: torch.Tensor, real: torch.Tensor, *, seed: 
         return torch.cat([f, r]).to(device), torch.cat([torch.ones(len(f)), torch.zeros(len(r))]).to(device)
 
     x_train, y_train = labelled(fake_tr, real_tr)
-    final_loss = _train(net, x_train, y_train, epochs, g, progress)
+    schedule = ClassifierSchedule(epochs, BATCH_SIZE, LR, WEIGHT_DECAY, desc="C2ST")
+    final_loss = fit_classifier(net, x_train, y_train, F.binary_cross_entropy_with_logits, schedule, g,
+                                augment=hflip, progress=progress)[-1]
     _recalibrate_batchnorm(net, x_train, g)
     n_test = len(fake_te) + len(real_te)
     x_test, y_test = labelled(fake_te, real_te)

@@ -16,7 +16,6 @@ blurred, noised and random images ranked by FD); it is read with ``weights_only=
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
-from tqdm.std import tqdm
 
 from ..config import DataConfig
 from ..data import as_float_images, make_datasets
 from ..engine import default_device, seed_everything
 from ..errors import CheckpointError, SpatialVAEError, on_disk_full, short_reason
 from ..runs import atomic_torch_save
+from .classifier import ClassifierSchedule, fit_classifier
 from .metrics import fid_kid
 
 FEATURES_VERSION = 1
@@ -139,33 +138,23 @@ def train_feature_net(train, val, test, cfg: Optional[FeatureNetConfig] = None,
     x_val, y_val = _resize(as_float_images(val.images), cfg.image_size), val.labels
     counts = torch.bincount(y_train, minlength=2).float()
     weight = (counts.sum() / (2 * counts.clamp(min=1))).to(device)  # inverse frequency
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(x_train) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     best, best_state, history = -1.0, None, []
     t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        net.train()
-        order = torch.randperm(len(x_train), generator=g)
-        running = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"features epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not progress, file=sys.stderr, mininterval=2.0)
-        for step in bar:
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = _augment(x_train[idx], g).to(device)
-            loss = F.cross_entropy(net(x), y_train[idx].to(device), weight=weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += float(loss.detach())
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        nonlocal best, best_state
         val_report = classification_report(predict(net, x_val, device=device), y_val)
-        history.append({"epoch": epoch + 1, "train_loss": running / steps_per_epoch, **{f"val_{k}": v for k, v in val_report.items()}})
-        log(f"features epoch {epoch + 1}/{cfg.epochs}: loss {running / steps_per_epoch:.4f}, "
+        history.append({"epoch": epoch + 1, "train_loss": loss, **{f"val_{k}": v for k, v in val_report.items()}})
+        log(f"features epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, "
             f"val accuracy {val_report['accuracy']:.3f}, balanced {val_report['balanced_accuracy']:.3f}")
         if val_report["balanced_accuracy"] > best:
             best = val_report["balanced_accuracy"]
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    schedule = ClassifierSchedule(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, full_batches_only=True,
+                                  desc="features")
+    fit_classifier(net, x_train, y_train, lambda logits, y: F.cross_entropy(logits, y, weight=weight), schedule, g,
+                   augment=_augment, on_epoch=on_epoch, progress=progress)
     net.load_state_dict(best_state)
     net.eval()
     x_test = _resize(as_float_images(test.images), cfg.image_size)
