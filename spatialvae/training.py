@@ -124,7 +124,7 @@ class Trainer:
         if self.is_main and (msg := gpu_warning(self.device)):
             self.log.warning("warning: " + msg)
             warnings.warn(msg)
-        self._place_model(model)
+        self.raw_model, self.model, self.memory_format = place_model(model, self.device, t)
         self.loss_fn = loss.to(self.device)
         self.amp_dtype = amp_dtype_for(self.device, t.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -144,15 +144,6 @@ class Trainer:
         self.step_tools = StepTools(
             self.optimizer, self.scaler, [p for p in self.raw_model.parameters() if p.requires_grad], t.grad_clip,
             autocast=self._autocast, all_finite=lambda v: distributed.all_true(v.isfinite().all()), noise=self.noise)
-
-    def _place_model(self, model: nn.Module) -> None:
-        """``raw_model`` on the device (channels_last if asked); ``model`` is what runs: DDP / compiled."""
-        t = self.cfg.train
-        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-        self.raw_model = model.to(self.device, memory_format=self.memory_format)
-        self.model: nn.Module = distributed.wrap_model(self.raw_model, self.device)
-        if t.compile:
-            self.model = torch.compile(self.model)
 
     # ---- phases ------------------------------------------------------------------------------
     def _enter_phase(self, phase: int) -> None:
@@ -229,11 +220,8 @@ class Trainer:
     def monitor(self) -> dict:
         """PSNR / SSIM of ``monitor_data`` reconstructions -> {monitor_psnr, monitor_ssim, monitor_seconds}.
         Its time is kept apart from ``seconds``, so a watched run's clock is the same as an unwatched one's."""
-        t0 = time.perf_counter()
-        r = reconstruction_scores(self.raw_model, self.monitor_data, max(64, self.cfg.data.batch_size),
-                                  prepare=self._to_device, autocast=self._autocast)  # per image
-        return {"monitor_psnr": float(r["psnr_db"].mean()), "monitor_ssim": float(r["ssim"].mean()),
-                "monitor_seconds": time.perf_counter() - t0}
+        return monitor_scores(self.raw_model, self.monitor_data, max(64, self.cfg.data.batch_size),
+                              self._to_device, self._autocast)
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self, until_epoch: Optional[int] = None) -> list[dict]:
@@ -355,23 +343,46 @@ class Trainer:
         ckpt = load_checkpoint(path)
         check_compatible(config_from_checkpoint(ckpt), self.cfg, path)
         own_rng = rank_rng(ckpt.get("rng") or {}, path, self.world_size, self.rank)  # before touching anything
-        try:
-            self.raw_model.load_state_dict(ckpt["model"])
-            if ckpt.get("scheduler_phase"):
-                self._enter_phase(int(ckpt["scheduler_phase"]))
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            if self.scheduler is not None and ckpt.get("scheduler") is not None:
-                self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path} does not fit this model ({short_reason(e)}); "
-                                  "resume with the run's own config.json") from None
+        restore_weights(self, ckpt, path)
         self.epoch = int(ckpt["epoch"])
         self.history = list(ckpt["history"])
         self.best_val = float(ckpt["best_val"])
         self.nonfinite_total = int(ckpt.get("nonfinite_total", 0))
         set_rng_state(own_rng, self.noise)
         return self
+
+
+def restore_weights(tr: Trainer, ckpt: dict, path) -> None:
+    """The model, phase, optimizer, scheduler and scaler a checkpoint holds, into the trainer ``tr``."""
+    try:
+        tr.raw_model.load_state_dict(ckpt["model"])
+        if ckpt.get("scheduler_phase"):
+            tr._enter_phase(int(ckpt["scheduler_phase"]))
+        tr.optimizer.load_state_dict(ckpt["optimizer"])
+        if tr.scheduler is not None and ckpt.get("scheduler") is not None:
+            tr.scheduler.load_state_dict(ckpt["scheduler"])
+        tr.scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({short_reason(e)}); "
+                              "resume with the run's own config.json") from None
+
+
+def place_model(model: nn.Module, device: torch.device, t: TrainConfig) -> tuple[nn.Module, nn.Module, object]:
+    """-> (the model on the device, channels_last if asked; what runs: DDP-wrapped and / or compiled;
+    the memory format batches are given in)."""
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    raw = model.to(device, memory_format=memory_format)
+    run = distributed.wrap_model(raw, device)
+    return raw, (torch.compile(run) if t.compile else run), memory_format
+
+
+def monitor_scores(model: nn.Module, data, batch_size: int, prepare, autocast) -> dict:
+    """PSNR / SSIM of the posterior-mean reconstructions of ``data`` -> {monitor_psnr, monitor_ssim,
+    monitor_seconds}; its time is kept apart from the epoch's."""
+    t0 = time.perf_counter()
+    r = reconstruction_scores(model, data, batch_size, prepare=prepare, autocast=autocast)  # per image
+    return {"monitor_psnr": float(r["psnr_db"].mean()), "monitor_ssim": float(r["ssim"].mean()),
+            "monitor_seconds": time.perf_counter() - t0}
 
 
 def make_loaders(train_data: Dataset, val_data: Optional[Dataset], cfg: Config, world_size: int, rank: int,

@@ -168,9 +168,8 @@ def classifier_two_sample_test(fake: torch.Tensor, real: torch.Tensor, *, seed: 
         return torch.cat([f, r]).to(device), torch.cat([torch.ones(len(f)), torch.zeros(len(r))]).to(device)
 
     x_train, y_train = labelled(fake_tr, real_tr)
-    schedule = ClassifierSchedule(epochs, BATCH_SIZE, LR, WEIGHT_DECAY, desc="C2ST")
-    final_loss = fit_classifier(net, x_train, y_train, F.binary_cross_entropy_with_logits, schedule, g,
-                                augment=hflip, progress=progress)[-1]
+    schedule = ClassifierSchedule(epochs, BATCH_SIZE, LR, WEIGHT_DECAY, augment=hflip, desc="C2ST", progress=progress)
+    final_loss = fit_classifier(net, x_train, y_train, F.binary_cross_entropy_with_logits, schedule, g)[-1]
     _recalibrate_batchnorm(net, x_train, g)
     n_test = len(fake_te) + len(real_te)
     x_test, y_test = labelled(fake_te, real_te)

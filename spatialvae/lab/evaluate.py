@@ -40,9 +40,10 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -89,6 +90,91 @@ LEARNED = ("learned", "learned_label_free")  # need the run's checkpoints/prior.
 TSTR_SOURCES = ("gaussian_per_class", "gmm_per_class", "learned")  # class-conditional samplers
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `evaluate_run` measures, and how. checkpoint: "auto" (the texture stage's sharp.pt when the
+    run has one, else best.pt), "sharp" (an error without one), "smooth" (best.pt), "best", "last" or a
+    path to a .pt file; with the sharp decoder, best.pt's scores come too (``smooth_decoder``)."""
+
+    checkpoint: str = "auto"
+    n_samples: Optional[int] = None  # images generated per sampler (default: the size of the test split)
+    features_path: Optional[str | os.PathLike] = None  # a `features` file: the domain FD and KID, the floors
+    device: Optional[torch.device | str] = None
+    batch_size: int = 64
+    progress: bool = True
+    inception: str = "auto"  # "auto" | "off" | a path to the FID Inception weights (see `load_inception`)
+    samplers: Optional[Sequence[str]] = None  # any of `SAMPLERS` (default: all; the learned ones with a prior.pt)
+    seed: int = 0  # every random choice: samples, subsets, KID
+    tstr_per_class: int = 300  # images per class for train-on-synthetic-test-on-real; 0 skips it
+    tstr_repeats: int = 3  # TSTR classifier seeds
+    c2st: bool = True  # the classifier two-sample test of the learned prior's samples and of reconstructions
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What every part of one evaluation shares: built once by `evaluate_run`, passed to each block."""
+
+    run_dir: Path
+    model: nn.Module  # the evaluated checkpoint's VAE, on ``device``
+    splits: object  # the run's DataSplits
+    n_gen: int  # images per sampler
+    seed: int
+    device: torch.device
+    batch_size: int = 64
+    progress: bool = False
+    grids: dict = field(default_factory=dict)  # {samples/eval_*.png: grid}, written after everything is computed
+
+
+@dataclass(frozen=True)
+class DomainSpace:
+    """The X-ray feature space of one evaluation: the extractor and the real references in it."""
+
+    features: Callable[[torch.Tensor], torch.Tensor]  # images -> features (N, D)
+    test: torch.Tensor  # the test split's features
+    ref_a: torch.Tensor  # training half A's features: the reference of every FD vs train
+    ref_b: torch.Tensor  # the indices of training half B (the decoder floor's images)
+    n_val: int  # the validation row's number of images
+    train_mu: torch.Tensor  # the training split's posterior means
+
+
+@dataclass(frozen=True)
+class _OpenRun:
+    """A run opened for evaluation: its context and what was loaded before any measuring."""
+
+    ctx: EvalContext
+    cfg: object
+    ckpt_path: Path
+    ckpt: dict
+    decoder: str
+    smooth: tuple  # (the smooth decoder's model or None, best.pt's path)
+    samplers: list
+    prior: object
+    prior_note: Optional[str]
+    domain_net: object
+    domain_info: Optional[dict]
+    inception_net: Optional[nn.Module]
+    inception_weights: Optional[str]
+    inception_reason: Optional[str]
+
+
+def _open_run(run_dir: Path, data_root, opts: EvalOptions) -> _OpenRun:
+    """Load the checkpoint, the samplers, the feature files and the data, in that order: an explicit
+    weights file that cannot be used fails before any data or model work."""
+    device = default_device(opts.device)
+    ckpt_path = _checkpoint_path(run_dir, opts.checkpoint)
+    model, cfg, ckpt = load_model(ckpt_path, device)  # weights_only: nothing in the file is executed
+    decoder = decoder_name(ckpt)
+    smooth = _smooth_decoder(run_dir, decoder, device)  # (None, path) unless the sharp decoder is evaluated
+    samplers, prior, prior_note = _select_samplers(run_dir, model, opts.samplers)
+    domain_net, domain_info = _load_feature_file(opts.features_path)
+    net, inception_weights, inception_reason = load_inception(opts.inception)
+    cfg = cfg.with_data_root(data_root)  # c2st's unused training files are found there too
+    splits, n_gen = _evaluation_data(cfg, opts.n_samples, opts.progress)
+    ctx = EvalContext(run_dir, model, splits, n_gen, opts.seed, device, opts.batch_size, opts.progress)
+    return _OpenRun(ctx, cfg, ckpt_path, ckpt, decoder, smooth, samplers, prior, prior_note, domain_net,
+                    domain_info, net, inception_weights, inception_reason)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reconstruction of the test split
 # ---------------------------------------------------------------------------------------------
@@ -109,22 +195,22 @@ def reconstruction_metrics(model: nn.Module, images: torch.Tensor, labels: torch
     return out, recons
 
 
-def _reconstruction_row(model: nn.Module, test_u8: torch.Tensor, test_labels: torch.Tensor,
-                        batch_size: int) -> tuple[dict, torch.Tensor]:
+def _reconstruction_row(ctx: EvalContext) -> tuple[dict, torch.Tensor]:
     """metrics.json's reconstruction block (with identity) -> (block, recons (N, 1, S, S))."""
-    recon, recons = reconstruction_metrics(model, test_u8, test_labels, batch_size)
+    test_u8, test_labels = ctx.splits.test.images, ctx.splits.test.labels
+    recon, recons = reconstruction_metrics(ctx.model, test_u8, test_labels, ctx.batch_size)
     test = as_float_images(test_u8)  # (N, 1, S, S)
     recon["identity"] = float(nearest_is_self(recons, test).float().mean())
     recon["test_images_with_a_duplicate"] = duplicate_count(test)
     return {"split": "test", "decoded": "posterior mean", **recon}, recons
 
 
-def _save_eval_grid(images: torch.Tensor, grids: dict, key: str, nrow: int = 8) -> str:
-    """The grid of ``images`` into ``grids`` as samples/eval_KEY.png -> that path relative to the run
+def _save_eval_grid(ctx: EvalContext, images: torch.Tensor, key: str, nrow: int = 8) -> str:
+    """The grid of ``images`` into ``ctx.grids`` as samples/eval_KEY.png -> that path relative to the run
     folder (metrics.json "images"). Written by `_write_grids` once everything is computed, so a crash
     leaves no new grids beside an old metrics.json."""
     path = f"samples/eval_{key}.png"
-    grids[path] = image_grid(images, nrow=nrow)  # (1, H', W')
+    ctx.grids[path] = image_grid(images, nrow=nrow)  # (1, H', W')
     return path
 
 
@@ -134,14 +220,14 @@ def _write_grids(grids: dict, run_dir: Path) -> None:
         save_png(grid, run_dir / path)
 
 
-def _reconstruction_pictures(model: nn.Module, test_u8: torch.Tensor, test_labels: torch.Tensor,
-                             recons: torch.Tensor, seed: int, grids: dict) -> tuple[dict, torch.Tensor]:
+def _reconstruction_pictures(ctx: EvalContext, recons: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """The reconstruction and interpolation grids -> ({name: path}, 8 originals above their 8 reconstructions)."""
-    pick = _class_balanced_indices(test_labels, 16, seed)
+    test_u8, test_labels = ctx.splits.test.images, ctx.splits.test.labels
+    pick = _class_balanced_indices(test_labels, 16, ctx.seed)
     sheet = interleave_rows(as_float_images(test_u8[pick]), recons[pick])  # (32, 1, S, S)
-    interpolation = _interpolation_sheet(model, test_u8, test_labels, steps=8, n_pairs=4, seed=seed)
-    pictures = {"reconstructions": _save_eval_grid(sheet, grids, "reconstructions"),
-                "interpolation": _save_eval_grid(interpolation, grids, "interpolation", nrow=10)}
+    interpolation = _interpolation_sheet(ctx.model, test_u8, test_labels, steps=8, n_pairs=4, seed=ctx.seed)
+    pictures = {"reconstructions": _save_eval_grid(ctx, sheet, "reconstructions"),
+                "interpolation": _save_eval_grid(ctx, interpolation, "interpolation", nrow=10)}
     return pictures, sheet[:16]
 
 
@@ -196,9 +282,10 @@ def _interpolation_sheet(model: nn.Module, images: torch.Tensor, labels: torch.T
 # What real images score: the references every sampler is compared with
 # ---------------------------------------------------------------------------------------------
 
-def _real_references(splits, train_subset: torch.Tensor, net: Optional[nn.Module], seed: int, batch_size: int,
-                     device, progress: bool) -> tuple[dict, Optional[torch.Tensor]]:
+def _real_references(ctx: EvalContext, train_subset: torch.Tensor,
+                     net: Optional[nn.Module]) -> tuple[dict, Optional[torch.Tensor]]:
     """What real images score (diversity, distance to train, train-vs-test FID) -> (reference, test Inception features)."""
+    splits, seed = ctx.splits, ctx.seed
     train_u8, test_u8 = splits.train.images, splits.test.images
     reference = {
         "test_ms_ssim_diversity": pairwise_ms_ssim(as_float_images(test_u8), seed=seed),
@@ -208,8 +295,9 @@ def _real_references(splits, train_subset: torch.Tensor, net: Optional[nn.Module
     if net is None:
         reference["train_vs_test"] = {"n_train": len(train_subset), "fid": None, "kid_mean": None, "kid_std": None}
         return reference, None
-    feats_test = inception_features(net, test_u8, batch_size, device, progress, "inception test")
-    feats_train = inception_features(net, train_u8[train_subset], batch_size, device, progress, "inception train")
+    feats_test = inception_features(net, test_u8, ctx.batch_size, ctx.device, ctx.progress, "inception test")
+    feats_train = inception_features(net, train_u8[train_subset], ctx.batch_size, ctx.device, ctx.progress,
+                                     "inception train")
     reference["train_vs_test"] = {"n_train": len(train_subset), **fid_kid(feats_test, feats_train, seed)}
     return reference, feats_test
 
@@ -269,8 +357,7 @@ def _domain_block(domain_net, domain_info: dict, features_path, rows: dict, n_te
     return domain
 
 
-def decoder_floor(model: nn.Module, train_mu: torch.Tensor, ref_b: torch.Tensor, test_recons: torch.Tensor,
-                  domain_net, size: int, dom_ref_a: torch.Tensor, seed: int, device) -> dict:
+def decoder_floor(ctx: EvalContext, dom: DomainSpace, model: nn.Module, test_recons: torch.Tensor) -> dict:
     """What a perfect latent sampler scores: FD vs train of the decoder's own images.
 
     ``fd_vs_train``: reconstructions of training images (the half not used as the reference,
@@ -278,29 +365,24 @@ def decoder_floor(model: nn.Module, train_mu: torch.Tensor, ref_b: torch.Tensor,
     training latents exactly would score this. ``test_reconstructions_fd_vs_train``: the test
     split's reconstructions, which also carry the test split's shift from train (class mix)."""
 
-    recon_b = decode_latents(model, train_mu[ref_b])
-    fd_b = domain_fd_kid(dom_ref_a, extract_features(domain_net, recon_b, size, device=device), seed)
-    fd_test = domain_fd_kid(dom_ref_a, extract_features(domain_net, test_recons, size, device=device), seed)
-    return {"fd_vs_train": fd_b["fd"], "kid_vs_train": fd_b["kid_mean"], "n": len(ref_b),
+    recon_b = decode_latents(model, dom.train_mu[dom.ref_b])
+    fd_b = domain_fd_kid(dom.ref_a, dom.features(recon_b), ctx.seed)
+    fd_test = domain_fd_kid(dom.ref_a, dom.features(test_recons), ctx.seed)
+    return {"fd_vs_train": fd_b["fd"], "kid_vs_train": fd_b["kid_mean"], "n": len(dom.ref_b),
             "test_reconstructions_fd_vs_train": fd_test["fd"]}
 
 
-def _domain_evaluation(domain_net, domain_info: dict, features_path, model: nn.Module, splits,
-                       train_subset: torch.Tensor, train_mu: torch.Tensor, recons: torch.Tensor, n_gen: int, seed: int,
-                       device) -> tuple[dict, dict, object]:
-    """With an X-ray feature file: metrics.json's domain block (the real floors, the decoder's floor), the
-    keyword arguments that make `_score_samples` score each sampler in that domain, and the decoder's
-    floor as a function ``floor_of(decoder, test_recons)`` (the same images and references for another
-    decoder, `smooth_decoder_block`) -> (block, kwargs, floor_of)."""
+def _domain_evaluation(ctx: EvalContext, domain_net, domain_info: dict, features_path, train_subset: torch.Tensor,
+                       train_mu: torch.Tensor, recons: torch.Tensor) -> tuple[dict, DomainSpace]:
+    """With an X-ray feature file: metrics.json's domain block (the real floors, the decoder's floor)
+    and the feature space every sampler (and the smooth decoder, `smooth_decoder_block`) is scored in."""
     size = domain_info["config"].image_size
-    features = partial(extract_features, domain_net, image_size=size, device=device)  # images -> (N, D)
-    floors, dom_test, dom_ref_a, ref_b = _domain_references(features, splits, train_subset, n_gen, seed)
-    floor_of = partial(decoder_floor, train_mu=train_mu, ref_b=ref_b, domain_net=domain_net, size=size,
-                       dom_ref_a=dom_ref_a, seed=seed, device=device)
-    block = {**_domain_block(domain_net, domain_info, features_path, floors, len(splits.test.images), n_gen),
-             "decoder_floor": floor_of(model, test_recons=recons)}
-    scoring = {"domain_features": features, "domain_refs": (dom_test, dom_ref_a, floors["val_vs_train"]["n"])}
-    return block, scoring, floor_of
+    features = partial(extract_features, domain_net, image_size=size, device=ctx.device)  # images -> (N, D)
+    floors, dom_test, dom_ref_a, ref_b = _domain_references(features, ctx.splits, train_subset, ctx.n_gen, ctx.seed)
+    dom = DomainSpace(features, dom_test, dom_ref_a, ref_b, floors["val_vs_train"]["n"], train_mu)
+    block = {**_domain_block(domain_net, domain_info, features_path, floors, len(ctx.splits.test.images), ctx.n_gen),
+             "decoder_floor": decoder_floor(ctx, dom, ctx.model, recons)}
+    return block, dom
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,13 +407,12 @@ def _select_samplers(run_dir: Path, model: nn.Module, samplers: Optional[Sequenc
     return [n for n in SAMPLERS if prior is not None or n not in LEARNED], prior, note
 
 
-def _training_latents(model: nn.Module, train, names: Sequence[str], for_domain: bool, batch_size: int, device,
-                      progress: bool) -> Optional[torch.Tensor]:
+def _training_latents(ctx: EvalContext, names: Sequence[str], for_domain: bool) -> Optional[torch.Tensor]:
     """Posterior means of the training split (N, *latent_shape), when a fitted sampler or the
     decoder's floor needs them; else None."""
     if not for_domain and all(n == "standard_normal" or n in LEARNED for n in names):
         return None
-    return encode_originals(model, train, batch_size, device, progress)
+    return encode_originals(ctx.model, ctx.splits.train, ctx.batch_size, ctx.device, ctx.progress)
 
 
 def sampler_labels(name: str, train_labels: torch.Tensor, n: int, seed: int) -> Optional[torch.Tensor]:
@@ -356,51 +437,51 @@ def _fit_sampler(name: str, model: nn.Module, seed: int, prior, train_mu, train_
     return fit_sampler(name.removesuffix("_per_class"), train_mu, train_labels if name.endswith("_per_class") else None, seed)
 
 
-def _draw(name: str, model: nn.Module, prior, train_mu: Optional[torch.Tensor], train_labels: torch.Tensor,
-          n_gen: int, seed: int, batch_size: int) -> tuple[object, torch.Tensor, torch.Tensor, dict]:
+def _draw(ctx: EvalContext, name: str, prior, train_mu: Optional[torch.Tensor]) -> tuple[object, torch.Tensor, torch.Tensor, dict]:
     """Fit one sampler and draw n_gen images -> (sampler, their latents (n_gen, *latent_shape), the
     images (n_gen, 1, S, S), the start of its row: what it is, its times, whether it is conditional).
     The latents, so another decoder can draw the very same samples (`smooth_decoder_block`)."""
+    train_labels, n_gen, seed = ctx.splits.train.labels, ctx.n_gen, ctx.seed
     t0 = time.perf_counter()
-    sampler = _fit_sampler(name, model, seed, prior, train_mu, train_labels)
+    sampler = _fit_sampler(name, ctx.model, seed, prior, train_mu, train_labels)
     fit_seconds = time.perf_counter() - t0 if name not in LEARNED else prior.train_seconds
     labels = sampler_labels(name, train_labels, n_gen, seed)
     t0 = time.perf_counter()
     kwargs = {} if labels is None else {"labels": labels}
     latents = sampler.sample(n_gen, generator=torch.Generator().manual_seed(seed), **kwargs)  # as `generate` draws
-    images = decode_latents(model, latents, batch_size)
+    images = decode_latents(ctx.model, latents, ctx.batch_size)
     row = {"sampler": sampler.describe(), "fit_seconds": round(fit_seconds, 2),
            "sample_seconds": round(time.perf_counter() - t0, 2), "conditional": labels is not None}
     return sampler, latents, images, row
 
 
-def _class_grids(model: nn.Module, sampler, name: str, grids: dict, seed: int, batch_size: int) -> dict:
+def _class_grids(ctx: EvalContext, sampler, name: str) -> dict:
     """32 samples of each class from a class-conditional sampler -> {NAME_CLASS: samples/eval_NAME_CLASS.png}."""
     out = {}
     for k, cls in enumerate(CLASSES):
         labels = torch.full((32,), k, dtype=torch.long)
-        images = generate(model, sampler, 32, torch.Generator().manual_seed(seed), batch_size, labels=labels)
+        images = generate(ctx.model, sampler, 32, torch.Generator().manual_seed(ctx.seed), ctx.batch_size, labels=labels)
         key = f"{name}_{cls.lower()}"
-        out[key] = _save_eval_grid(images, grids, key)
+        out[key] = _save_eval_grid(ctx, images, key)
     return out
 
 
-def _sampler_pictures(name: str, model: nn.Module, sampler, images: torch.Tensor, conditional: bool, grids: dict,
-                      seed: int, batch_size: int) -> dict:
+def _sampler_pictures(ctx: EvalContext, name: str, sampler, images: torch.Tensor, conditional: bool) -> dict:
     """A sampler's grid of its first 64 images, and one per class for a class-conditional one -> {name: path}."""
-    pictures = {name: _save_eval_grid(images[:64], grids, name)}
+    pictures = {name: _save_eval_grid(ctx, images[:64], name)}
     if conditional and name != "learned_label_free":
-        pictures.update(_class_grids(model, sampler, name, grids, seed, batch_size))
+        pictures.update(_class_grids(ctx, sampler, name))
     return pictures
 
 
-def _inception_scores(net: Optional[nn.Module], test_feats: Optional[torch.Tensor], images: torch.Tensor, seed: int,
-                      batch_size: int, device, progress: bool, name: str) -> dict:
-    """FID / KID of images (n, 1, S, S) against the test split's Inception features; nulls without Inception."""
-    if net is None:
+def _inception_scores(ctx: EvalContext, inception: Optional[tuple], images: torch.Tensor, name: str) -> dict:
+    """FID / KID of images (n, 1, S, S) against the test split's Inception features; nulls without
+    Inception. ``inception``: (the network, the test split's features) or None."""
+    if inception is None:
         return {"fid": None, "kid_mean": None, "kid_std": None}
-    feats = inception_features(net, images, batch_size, device, progress, f"inception {name}")  # (n, 2048)
-    return fid_kid(test_feats, feats, seed)
+    net, test_feats = inception
+    feats = inception_features(net, images, ctx.batch_size, ctx.device, ctx.progress, f"inception {name}")  # (n, 2048)
+    return fid_kid(test_feats, feats, ctx.seed)
 
 
 def _domain_scores(fake: torch.Tensor, test_feats: torch.Tensor, ref_a_feats: torch.Tensor, n_val: int,
@@ -421,29 +502,25 @@ def _sample_metrics(images: torch.Tensor, train_images: torch.Tensor, seed: int)
     return {"ms_ssim_diversity": pairwise_ms_ssim(images, seed=seed), "nn_train_rmse": summarize(dist)}
 
 
-def _score_samples(name: str, images: torch.Tensor, train_u8: torch.Tensor, seed: int, batch_size: int = 64,
-                   device="cpu", progress: bool = False, inception: Optional[nn.Module] = None,
-                   inception_test: Optional[torch.Tensor] = None, domain_features=None,
-                   domain_refs: Optional[tuple] = None) -> dict:
-    """One sampler's images (n, 1, S, S) -> their scores: FID/KID (Inception), domain FD/KID, diversity,
-    memorisation. ``domain_features``: images -> X-ray features; ``domain_refs``: (test features, training
-    half A's features, n_val), see `_domain_scores`."""
-    row = _inception_scores(inception, inception_test, images, seed, batch_size, device, progress, name)
-    if domain_features is not None:
-        row.update(_domain_scores(domain_features(images), *domain_refs, seed))
-    return {**row, **_sample_metrics(images, train_u8, seed)}
+def _score_samples(ctx: EvalContext, name: str, images: torch.Tensor, inception: Optional[tuple] = None,
+                   dom: Optional[DomainSpace] = None) -> dict:
+    """One sampler's images (n, 1, S, S) -> their scores: FID/KID (Inception), domain FD/KID (in ``dom``,
+    see `_domain_scores`), diversity, memorisation."""
+    row = _inception_scores(ctx, inception, images, name)
+    if dom is not None:
+        row.update(_domain_scores(dom.features(images), dom.test, dom.ref_a, dom.n_val, ctx.seed))
+    return {**row, **_sample_metrics(images, ctx.splits.train.images, ctx.seed)}
 
 
-def _sampler_rows(names: Sequence[str], model: nn.Module, prior, train_mu: Optional[torch.Tensor],
-                  train_labels: torch.Tensor, n_gen: int, seed: int, batch_size: int, grids: dict,
-                  score, keep: Sequence[str] = ("learned",)) -> tuple[dict, dict, dict, dict, dict]:
+def _sampler_rows(ctx: EvalContext, names: Sequence[str], prior, train_mu: Optional[torch.Tensor], score,
+                  keep: Sequence[str] = ("learned",)) -> tuple[dict, dict, dict, dict, dict]:
     """Each sampler in turn: fit and draw (collecting its grids), then score its images with ``score(name,
     images)`` -> ({name: row}, {name: fitted sampler}, {grid name: path}, {name: its first 8 images},
     {name in ``keep``: (latents, images)}: all it drew, for the sharpness block)."""
     rows, fitted, pictures, tiles, drawn = {}, {}, {}, {}, {}
     for name in names:
-        sampler, latents, images, row = _draw(name, model, prior, train_mu, train_labels, n_gen, seed, batch_size)
-        pictures.update(_sampler_pictures(name, model, sampler, images, row["conditional"], grids, seed, batch_size))
+        sampler, latents, images, row = _draw(ctx, name, prior, train_mu)
+        pictures.update(_sampler_pictures(ctx, name, sampler, images, row["conditional"]))
         rows[name], fitted[name], tiles[name] = {**row, **score(name, images)}, sampler, images[:8]
         if name in keep:
             drawn[name] = (latents, images)
@@ -454,9 +531,9 @@ def _sampler_rows(names: Sequence[str], model: nn.Module, prior, train_mu: Optio
 # Usefulness: train on synthetic, test on real (spatialvae.tstr)
 # ---------------------------------------------------------------------------------------------
 
-def tstr_block(model: nn.Module, samplers: dict, splits, test_u8: torch.Tensor, per_class: int, seed: int,
-               batch_size: int, progress: bool, repeats: int = 3) -> dict:
+def tstr_block(ctx: EvalContext, samplers: dict, per_class: int, repeats: int = 3) -> dict:
     """Train-on-synthetic, test-on-real for the class-conditional samplers (see `spatialvae.tstr`)."""
+    model, splits, batch_size = ctx.model, ctx.splits, ctx.batch_size
 
     def source(sampler):
         return lambda labels, s: generate(model, sampler, len(labels), torch.Generator().manual_seed(s), batch_size,
@@ -464,10 +541,10 @@ def tstr_block(model: nn.Module, samplers: dict, splits, test_u8: torch.Tensor, 
 
     gens = {name: source(samplers[name]) for name in TSTR_SOURCES if name in samplers}
     real_val = LabelledImages(splits.val.images, splits.val.labels)
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.progress else (lambda msg: None)
     return run_tstr(LabelledImages(splits.train.images, splits.train.labels), real_val,
-                    LabelledImages(test_u8, splits.test.labels), gens, per_class=per_class, seed=seed, log=log,
-                    repeats=repeats)
+                    LabelledImages(splits.test.images, splits.test.labels), gens, per_class=per_class, seed=ctx.seed,
+                    log=log, repeats=repeats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,29 +600,30 @@ def _c2st_row(fake: torch.Tensor, real: torch.Tensor, source: str, what: str, se
     return {**res, "reference": source, "fake": what}
 
 
-def c2st_block(model: nn.Module, splits, d: DataConfig, prior, n_gen: int, seed: int, batch_size: int, device,
-               progress: bool) -> dict:
+def c2st_block(ctx: EvalContext, d: DataConfig, prior) -> dict:
     """Classifier two-sample tests against real images the VAE never trained on (`_c2st_reference`):
     2 * n_gen of them split into halves A and B with the same class counts; B is the real side of
     both tests. ``reconstructions``: the decoded posterior means of A (other images than B, so the
     classifier cannot match pairs); ``learned``: the learned prior's samples with B's labels."""
-    images, labels, source = _c2st_reference(splits, d, 2 * n_gen, seed, progress)
+    seed, model = ctx.seed, ctx.model
+    images, labels, source = _c2st_reference(ctx.splits, d, 2 * ctx.n_gen, seed, ctx.progress)
     a, b = _halves_by_class(labels.long(), seed)
     if len(b) < MIN_PER_SIDE:
         return {"skipped": f"{len(images)} real images the VAE never trained on ({source}) give {len(b)} a side; "
                            f"the test needs {MIN_PER_SIDE} (raise n_samples or use more data)"}
     real = as_float_images(images[b])
-    row = partial(_c2st_row, real=real, source=source, seed=seed, device=device, progress=progress)
+    row = partial(_c2st_row, real=real, source=source, seed=seed, device=ctx.device, progress=ctx.progress)
     out = {"reference": {"source": source, "n": len(b),
                          "class_counts": {c: int((labels[b] == i).sum()) for i, c in enumerate(CLASSES)}},
            "note": "held-out accuracy of a small CNN telling fake from real: 0.5 = indistinguishable, 1 = always told "
                    "apart; p_value is one-sided against 0.5"}
-    recons = decode_latents(model, encode_dataset(model, as_float_images(images[a]), batch_size))
+    recons = decode_latents(model, encode_dataset(model, as_float_images(images[a]), ctx.batch_size))
     out["reconstructions"] = row(recons, what="reconstructions (posterior mean) of the other half")
     if prior is None:
         out["learned"] = {"accuracy": None, "skipped": "the learned sampler was not evaluated (no finished checkpoints/prior.pt, or not among samplers)"}
     else:
-        fake = generate(model, prior, len(b), torch.Generator().manual_seed(seed), batch_size, labels=labels[b].long())
+        fake = generate(model, prior, len(b), torch.Generator().manual_seed(seed), ctx.batch_size,
+                        labels=labels[b].long())
         out["learned"] = row(fake, what="learned prior samples with the real half's labels")
     return out
 
@@ -590,62 +668,62 @@ def _smooth_decoder(run_dir: Path, decoder: str, device) -> tuple[Optional[nn.Mo
     return load_model(path, device)[0], path
 
 
-def smooth_decoder_block(smooth: nn.Module, path: Path, test_u8: torch.Tensor, test_labels: torch.Tensor,
-                         learned_latents: Optional[torch.Tensor], val: torch.Tensor, floor_of,
-                         batch_size: int) -> tuple[dict, torch.Tensor]:
+def smooth_decoder_block(ctx: EvalContext, smooth: tuple, learned_latents: Optional[torch.Tensor], val: torch.Tensor,
+                         dom: Optional[DomainSpace]) -> tuple[dict, torch.Tensor]:
     """The smooth decoder's scores beside the sharp one's: test PSNR / SSIM / L1 (posterior mean, as the
     reconstruction block), its sharpness for its reconstructions and for the learned prior's very
-    latents the sharp decoder drew, and its decoder floor with a features file (``floor_of``, see
-    `_domain_evaluation`) -> (block, its test reconstructions (N, 1, S, S))."""
-    rec, recons = reconstruction_metrics(smooth, test_u8, test_labels, batch_size)
-    learned = None if learned_latents is None else decode_latents(smooth, learned_latents, batch_size)
+    latents the sharp decoder drew, and its decoder floor in ``dom`` (None without a features file).
+    ``smooth``: (its model, best.pt's path) -> (block, its test reconstructions (N, 1, S, S))."""
+    model, path = smooth
+    test_u8 = ctx.splits.test.images
+    rec, recons = reconstruction_metrics(model, test_u8, ctx.splits.test.labels, ctx.batch_size)
+    learned = None if learned_latents is None else decode_latents(model, learned_latents, ctx.batch_size)
     block = {"checkpoint": str(path), **{k: rec["overall"][k] for k in ("psnr_db", "ssim", "l1")},
              "sharpness": _decoder_sharpness(recons, as_float_images(test_u8), learned, val),
-             "decoder_floor": floor_of(smooth, test_recons=recons) if floor_of is not None else None}
+             "decoder_floor": decoder_floor(ctx, dom, model, recons) if dom is not None else None}
     return block, recons
 
 
-def _texture_pictures(smooth: nn.Module, sharp: nn.Module, test_u8: torch.Tensor, test_labels: torch.Tensor,
-                      smooth_recons: torch.Tensor, sharp_recons: torch.Tensor, prior, seed: int, batch_size: int,
-                      grids: dict) -> dict:
+def _texture_pictures(ctx: EvalContext, smooth: nn.Module, smooth_recons: torch.Tensor, sharp_recons: torch.Tensor,
+                      prior) -> dict:
     """Before and after the texture stage, full size: 8 test originals above their smooth and then their
-    sharp reconstructions; with the learned prior, per class 8 latents decoded smooth (top row) and
-    sharp (bottom row) -> {name: path}."""
-    pick = _class_balanced_indices(test_labels, 8, seed)
+    sharp (``ctx.model``) reconstructions; with the learned prior, per class 8 latents decoded smooth
+    (top row) and sharp (bottom row) -> {name: path}."""
+    test_u8, seed = ctx.splits.test.images, ctx.seed
+    pick = _class_balanced_indices(ctx.splits.test.labels, 8, seed)
     sheet = torch.cat([as_float_images(test_u8[pick]), smooth_recons[pick], sharp_recons[pick]])  # (3k, 1, S, S)
-    pictures = {"texture_reconstructions": _save_eval_grid(sheet, grids, "texture_reconstructions", nrow=len(pick))}
+    pictures = {"texture_reconstructions": _save_eval_grid(ctx, sheet, "texture_reconstructions", nrow=len(pick))}
     if prior is None:
         return pictures
     for k, cls in enumerate(CLASSES):
         labels = torch.full((8,), k, dtype=torch.long)
         z = prior.sample(8, generator=torch.Generator().manual_seed(seed), labels=labels)  # (8, *latent_shape)
-        both = torch.cat([decode_latents(smooth, z, batch_size), decode_latents(sharp, z, batch_size)])
-        pictures[f"texture_learned_{cls}"] = _save_eval_grid(both, grids, f"texture_learned_{cls}")
+        both = torch.cat([decode_latents(smooth, z, ctx.batch_size), decode_latents(ctx.model, z, ctx.batch_size)])
+        pictures[f"texture_learned_{cls}"] = _save_eval_grid(ctx, both, f"texture_learned_{cls}")
     return pictures
 
 
-def _sharpness_evaluation(model: nn.Module, decoder: str, smooth: Optional[nn.Module], smooth_path: Path, splits,
-                          recons: torch.Tensor, learned: Optional[tuple], prior, floor_of, seed: int,
-                          batch_size: int, grids: dict) -> tuple[dict, Optional[dict], dict]:
+def _sharpness_evaluation(ctx: EvalContext, decoder: str, smooth: tuple, recons: torch.Tensor,
+                          learned: Optional[tuple], prior, dom: Optional[DomainSpace]) -> tuple[dict, Optional[dict], dict]:
     """metrics.json's sharpness block for the evaluated decoder, and with a sharp one the smooth decoder's
     block and the before / after pictures -> (sharpness, smooth_decoder or None, {name: path}).
-    ``learned``: (latents, images) the learned prior drew for its row, or None."""
+    ``smooth``: (its model or None, best.pt's path); ``learned``: (latents, images) the learned prior
+    drew for its row, or None."""
+    splits = ctx.splits
     latents, images = learned if learned is not None else (None, None)
     test = as_float_images(splits.test.images)  # (N, 1, S, S)
     # The samples follow the training split's class mix and the classes differ in detail: the validation
     # images they are read against follow the same mix.
-    val_pick = _val_in_train_mix(splits.val.labels, splits.train.labels, len(splits.val.labels), seed)
+    val_pick = _val_in_train_mix(splits.val.labels, splits.train.labels, len(splits.val.labels), ctx.seed)
     val = as_float_images(splits.val.images[val_pick])  # (M, 1, S, S)
     sharpness = {"decoder": decoder, **_decoder_sharpness(recons, test, images, val),
                  **sharpness_references(test, val), "note": _SHARPNESS_NOTE}
     if decoder != "sharp":
         return sharpness, None, {}
-    if smooth is None:
-        return sharpness, {"skipped": f"no smooth decoder to compare with ({smooth_path} is missing)"}, {}
-    block, smooth_recons = smooth_decoder_block(smooth, smooth_path, splits.test.images, splits.test.labels,
-                                                latents, val, floor_of, batch_size)
-    pictures = _texture_pictures(smooth, model, splits.test.images, splits.test.labels, smooth_recons, recons, prior,
-                                 seed, batch_size, grids)
+    if smooth[0] is None:
+        return sharpness, {"skipped": f"no smooth decoder to compare with ({smooth[1]} is missing)"}, {}
+    block, smooth_recons = smooth_decoder_block(ctx, smooth, latents, val, dom)
+    pictures = _texture_pictures(ctx, smooth[0], smooth_recons, recons, prior)
     return sharpness, block, pictures
 
 
@@ -685,23 +763,22 @@ def _evaluation_data(cfg, n_samples: Optional[int], progress: bool):
     return splits, n_gen
 
 
-def _run_header(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, model: nn.Module, device, splits, n_gen: int,
-                n_samples: Optional[int]) -> dict:
+def _run_header(ctx: EvalContext, cfg, ckpt_path: Path, ckpt: dict, n_samples: Optional[int]) -> dict:
     """What was evaluated: run, checkpoint (and its decoder), config, device, data and the number of samples."""
-
+    splits = ctx.splits
     return {
-        "run_dir": str(run_dir),
+        "run_dir": str(ctx.run_dir),
         "checkpoint": {"path": str(ckpt_path), "epoch": int(ckpt.get("epoch", 0))},
         "decoder": decoder_name(ckpt),
         "preset": cfg.preset,
         "architecture": cfg.model.architecture,
         "image_size": cfg.data.image_size,
-        "latent_shape": list(model.latent_shape),
+        "latent_shape": list(ctx.model.latent_shape),
         "perceptual_mode": perceptual_mode(cfg),
-        "device": str(device),
+        "device": str(ctx.device),
         "data": {"root": str(splits.train.plan.root), "n_train": len(splits.train.images),
                  "n_test": len(splits.test.images), "test_counts": splits.test.class_counts()},
-        "n_generated": n_gen,
+        "n_generated": ctx.n_gen,
         "n_generated_note": ("images per sampler, " + ("the size of the test split (default)"
                                                        if n_samples is None else "set by n_samples")),
     }
@@ -718,77 +795,50 @@ _NOTES = {
 }
 
 
-def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None, checkpoint: str = "auto",
-                 n_samples: Optional[int] = None, features_path: str | os.PathLike | None = None,
-                 device: torch.device | str | None = None, batch_size: int = 64, progress: bool = True,
-                 inception: str = "auto", samplers: Optional[Sequence[str]] = None, seed: int = 0,
-                 tstr_per_class: int = 300, tstr_repeats: int = 3, c2st: bool = True) -> dict:
+def evaluate_run(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,
+                 options: Optional[EvalOptions] = None, **overrides) -> dict:
     """Evaluate a run folder; writes ``run_dir/metrics.json`` (atomically) and returns its dict.
 
-    checkpoint: "auto" (the texture stage's sharp.pt when the run has one, else best.pt), "sharp" (an
-    error without one), "smooth" (best.pt), "best", "last" or a path to a .pt file; with the sharp
-    decoder, best.pt's scores come too (``smooth_decoder``). data_root: overrides the dataset folder
-    stored in the run's config (the splits, image size and preprocessing stay the run's).
-    n_samples: images generated per sampler (default: the size of the test split). inception:
-    "auto" | "off" | path to the FID Inception weights (see `load_inception`). samplers: any of
-    `SAMPLERS` (default: all; the learned ones only when the run has ``checkpoints/prior.pt``).
-    features_path: a file from `python -m spatialvae features`: adds the domain Fréchet distance and
-    KID (per sampler, the real floors and the decoder's floor). tstr_per_class: images per class for
-    train-on-synthetic-test-on-real (0 skips it). c2st: the classifier two-sample test of the learned
-    prior's samples and of reconstructions, n_samples a side (see `c2st_block`; False skips it).
-    seed: every random choice (samples, subsets, KID).
+    data_root: overrides the dataset folder stored in the run's config (the splits, image size and
+    preprocessing stay the run's). ``options`` (`EvalOptions`), or its fields as keywords, e.g.
+    ``evaluate_run(run, checkpoint="best", samplers=["learned"], features_path="xray_features.pt")``.
     """
-
+    opts = replace(options or EvalOptions(), **overrides)
     t_start = time.perf_counter()
-    run_dir, device = Path(run_dir), default_device(device)
-    ckpt_path = _checkpoint_path(run_dir, checkpoint)
-    model, cfg, ckpt = load_model(ckpt_path, device)  # weights_only: nothing in the file is executed
-    decoder = decoder_name(ckpt)
-    smooth, smooth_path = _smooth_decoder(run_dir, decoder, device)  # None unless the sharp decoder is evaluated
-    samplers, prior, prior_note = _select_samplers(run_dir, model, samplers)
-    # Before the data and the model work: an explicit weights file that cannot be used fails fast.
-    domain_net, domain_info = _load_feature_file(features_path)
-    net, inception_weights, inception_reason = load_inception(inception)
-    cfg = cfg.with_data_root(data_root)  # c2st's unused training files are found there too
-    splits, n_gen = _evaluation_data(cfg, n_samples, progress)
-    train_u8, test_u8, test_labels = splits.train.images, splits.test.images, splits.test.labels
-    grids: dict = {}  # {samples/eval_*.png: grid}, written once everything is computed
-
-    recon, recons = _reconstruction_row(model, test_u8, test_labels, batch_size)  # recons (n_test, 1, S, S)
-    pictures, recon_tiles = _reconstruction_pictures(model, test_u8, test_labels, recons, seed, grids)
-    train_subset = seeded_subset(len(train_u8), n_gen, seed)
-    reference, inception_test = _real_references(splits, train_subset, net, seed, batch_size, device, progress)
-    train_mu = _training_latents(model, splits.train, samplers, domain_net is not None, batch_size, device, progress)
-    domain, domain_scoring, floor_of = None, {}, None
-    if domain_net is not None:
-        domain, domain_scoring, floor_of = _domain_evaluation(domain_net, domain_info, features_path, model, splits,
-                                                              train_subset, train_mu, recons, n_gen, seed, device)
-    score = partial(_score_samples, train_u8=train_u8, seed=seed, batch_size=batch_size, device=device,
-                    progress=progress, inception=net, inception_test=inception_test, **domain_scoring)
-    rows, fitted, sampler_pictures, tiles, drawn = _sampler_rows(samplers, model, prior, train_mu, splits.train.labels,
-                                                                 n_gen, seed, batch_size, grids, score)
+    run = _open_run(Path(run_dir), data_root, opts)
+    ctx = run.ctx
+    recon, recons = _reconstruction_row(ctx)  # recons (n_test, 1, S, S)
+    pictures, recon_tiles = _reconstruction_pictures(ctx, recons)
+    train_subset = seeded_subset(len(ctx.splits.train.images), ctx.n_gen, ctx.seed)
+    reference, inception_test = _real_references(ctx, train_subset, run.inception_net)
+    train_mu = _training_latents(ctx, run.samplers, run.domain_net is not None)
+    domain, dom = None, None
+    if run.domain_net is not None:
+        domain, dom = _domain_evaluation(ctx, run.domain_net, run.domain_info, opts.features_path, train_subset,
+                                         train_mu, recons)
+    inception = (run.inception_net, inception_test) if run.inception_net is not None else None
+    score = partial(_score_samples, ctx, inception=inception, dom=dom)
+    rows, fitted, sampler_pictures, tiles, drawn = _sampler_rows(ctx, run.samplers, run.prior, train_mu, score)
     tstr = None
-    if tstr_per_class > 0 and any(n in fitted for n in TSTR_SOURCES):
-        tstr = tstr_block(model, fitted, splits, test_u8, tstr_per_class, seed, batch_size, progress, tstr_repeats)
-    c2st_res = (c2st_block(model, splits, cfg.data, fitted.get("learned"), n_gen, seed, batch_size, device, progress)
-                if c2st else None)
+    if opts.tstr_per_class > 0 and any(n in fitted for n in TSTR_SOURCES):
+        tstr = tstr_block(ctx, fitted, opts.tstr_per_class, opts.tstr_repeats)
+    c2st_res = c2st_block(ctx, run.cfg.data, fitted.get("learned")) if opts.c2st else None
     sharpness, smooth_block, texture_pictures = _sharpness_evaluation(
-        model, decoder, smooth, smooth_path, splits, recons, drawn.get("learned"), prior, floor_of, seed, batch_size,
-        grids)
+        ctx, run.decoder, run.smooth, recons, drawn.get("learned"), run.prior, dom)
     metrics = {
-        **_run_header(run_dir, ckpt_path, ckpt, cfg, model, device, splits, n_gen, n_samples),
+        **_run_header(ctx, run.cfg, run.ckpt_path, run.ckpt, opts.n_samples),
         "reconstruction": recon,
-        "floors": linear_floors(train_u8, test_u8, int(math.prod(model.latent_shape))),
-        "inception": {"weights": inception_weights, **_INCEPTION_NOTES},
+        "floors": linear_floors(ctx.splits.train.images, ctx.splits.test.images, int(math.prod(ctx.model.latent_shape))),
+        "inception": {"weights": run.inception_weights, **_INCEPTION_NOTES},
         "reference": reference, "domain": domain, "samplers": rows, "tstr": tstr, "c2st": c2st_res,
         "sharpness": sharpness, **({"smooth_decoder": smooth_block} if smooth_block is not None else {}),
         "images": {**pictures, **sampler_pictures, **texture_pictures}, "notes": _NOTES,
-        **({"inception_unavailable": inception_reason} if inception_reason is not None else {}),
-        **({"learned_prior_unavailable": prior_note} if prior_note is not None else {}),
+        **({"inception_unavailable": run.inception_reason} if run.inception_reason is not None else {}),
+        **({"learned_prior_unavailable": run.prior_note} if run.prior_note is not None else {}),
     }
     metrics["seconds"] = round(time.perf_counter() - t_start, 2)
     tensors = {"reconstructions": recon_tiles, **tiles}
-    return _write_results(run_dir, grids, tensors, metrics)
+    return _write_results(ctx.run_dir, ctx.grids, tensors, metrics)
 
 
 def _write_results(run_dir: Path, grids: dict, tensors: dict, metrics: dict) -> dict:

@@ -152,9 +152,9 @@ def train_feature_net(train, val, test, cfg: Optional[FeatureNetConfig] = None,
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
 
     schedule = ClassifierSchedule(cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, full_batches_only=True,
-                                  desc="features")
+                                  augment=_augment, desc="features", progress=progress)
     fit_classifier(net, x_train, y_train, lambda logits, y: F.cross_entropy(logits, y, weight=weight), schedule, g,
-                   augment=_augment, on_epoch=on_epoch, progress=progress)
+                   on_epoch=on_epoch)
     net.load_state_dict(best_state)
     net.eval()
     x_test = _resize(as_float_images(test.images), cfg.image_size)

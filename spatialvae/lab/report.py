@@ -96,9 +96,7 @@ def _smooth_decoder_lines(metrics: dict) -> list[str]:
             f"{fmt(sm.get('l1'))} | {fmt(smooth_floor, '{:.3f}')} |"]
 
 
-def metrics_table(metrics: dict) -> str:
-    """The headline numbers of a metrics.json as markdown tables: reconstruction, samples, and where
-    measured the domain features, the smooth decoder beside the sharp one, sharpness, TSTR and C2ST."""
+def _reconstruction_lines(metrics: dict) -> list[str]:
     rec = metrics["reconstruction"]
     decoder = f" ({metrics['decoder']} decoder)" if metrics.get("decoder") else ""
     lines = [f"checkpoint epoch {metrics['checkpoint']['epoch']}{decoder} | {metrics['preset']} | "
@@ -122,9 +120,13 @@ def metrics_table(metrics: dict) -> str:
         dup_note = f"; {dup} test images have an exact duplicate, which counts as their own" if dup else ""
         lines += ["", f"identity: {100 * rec['identity']:.1f} % of test reconstructions are nearer (pixel MSE) to "
                       f"their own original than to any other test image{pca_id}{dup_note}"]
+    return lines
+
+
+def _sample_lines(metrics: dict) -> list[str]:
     ref = metrics["reference"]
-    lines += ["", f"| samples ({metrics['n_generated']} per sampler) | FID | KID | MS-SSIM diversity | "
-                  "NN-train RMSE (mean / min) |", "|---|---:|---:|---:|---:|"]
+    lines = ["", f"| samples ({metrics['n_generated']} per sampler) | FID | KID | MS-SSIM diversity | "
+                 "NN-train RMSE (mean / min) |", "|---|---:|---:|---:|---:|"]
     for name, s in metrics["samplers"].items():
         lines.append(f"| {name} | {fmt(s['fid'], '{:.1f}')} | {fmt(s['kid_mean'])} | {fmt(s['ms_ssim_diversity']['mean'])} | "
                      f"{fmt(s['nn_train_rmse']['mean'])} / {fmt(s['nn_train_rmse']['min'])} |")
@@ -135,28 +137,39 @@ def metrics_table(metrics: dict) -> str:
     if ref.get("val_nn_train_rmse"):
         lines.append(f"| real validation images (held-out patients) | | | | {fmt(ref['val_nn_train_rmse']['mean'])} / "
                      f"{fmt(ref['val_nn_train_rmse']['min'])} |")
+    return lines
+
+
+def _domain_lines(metrics: dict) -> list[str]:
     dom = metrics.get("domain")
-    if dom:
-        vv = dom.get("val_vs_train") or {}
-        n_val = vv.get("n")
-        lines += ["", f"| domain features ({dom['feature_dim']}-d, extractor test accuracy "
-                      f"{dom['extractor_test_accuracy']:.3f}) | FD vs test | KID vs test | FD vs train | "
-                      f"KID vs train | FD vs train, n = {fmt(n_val, '{}')} |", "|---|---:|---:|---:|---:|---:|"]
-        for name, s in metrics["samplers"].items():
-            lines.append(f"| {name} | {fmt(s['domain_fd'], '{:.3f}')} | {fmt(s['domain_kid_mean'])} | "
-                         f"{fmt(s['domain_fd_vs_train'], '{:.3f}')} | {fmt(s['domain_kid_vs_train'])} | "
-                         f"{fmt(s.get('domain_fd_vs_train_at_val_n'), '{:.3f}')} |")
-        fl, ft = dom["floor_train_vs_test"], dom["floor_train_vs_train"]
-        lines.append(f"| real train images (floor) | {fmt(fl['fd'], '{:.3f}')} | {fmt(fl['kid_mean'])} | "
-                     f"{fmt(ft['fd'], '{:.3f}')} | {fmt(ft['kid_mean'])} | |")
-        if vv:
-            lines.append(f"| real validation images (held-out patients: the bar) | | | | | {fmt(vv['fd'], '{:.3f}')} |")
-        if dom.get("decoder_floor"):
-            d = dom["decoder_floor"]
-            lines.append(f"| decoder floor: reconstructed train images | | | {fmt(d['fd_vs_train'], '{:.3f}')} | "
-                         f"{fmt(d['kid_vs_train'])} | |")
-            lines.append(f"| reconstructed test images (carry the test shift) | | | "
-                         f"{fmt(d['test_reconstructions_fd_vs_train'], '{:.3f}')} | | |")
+    if not dom:
+        return []
+    vv = dom.get("val_vs_train") or {}
+    lines = ["", f"| domain features ({dom['feature_dim']}-d, extractor test accuracy "
+                 f"{dom['extractor_test_accuracy']:.3f}) | FD vs test | KID vs test | FD vs train | "
+                 f"KID vs train | FD vs train, n = {fmt(vv.get('n'), '{}')} |", "|---|---:|---:|---:|---:|---:|"]
+    for name, s in metrics["samplers"].items():
+        lines.append(f"| {name} | {fmt(s['domain_fd'], '{:.3f}')} | {fmt(s['domain_kid_mean'])} | "
+                     f"{fmt(s['domain_fd_vs_train'], '{:.3f}')} | {fmt(s['domain_kid_vs_train'])} | "
+                     f"{fmt(s.get('domain_fd_vs_train_at_val_n'), '{:.3f}')} |")
+    fl, ft = dom["floor_train_vs_test"], dom["floor_train_vs_train"]
+    lines.append(f"| real train images (floor) | {fmt(fl['fd'], '{:.3f}')} | {fmt(fl['kid_mean'])} | "
+                 f"{fmt(ft['fd'], '{:.3f}')} | {fmt(ft['kid_mean'])} | |")
+    if vv:
+        lines.append(f"| real validation images (held-out patients: the bar) | | | | | {fmt(vv['fd'], '{:.3f}')} |")
+    if dom.get("decoder_floor"):
+        d = dom["decoder_floor"]
+        lines.append(f"| decoder floor: reconstructed train images | | | {fmt(d['fd_vs_train'], '{:.3f}')} | "
+                     f"{fmt(d['kid_vs_train'])} | |")
+        lines.append(f"| reconstructed test images (carry the test shift) | | | "
+                     f"{fmt(d['test_reconstructions_fd_vs_train'], '{:.3f}')} | | |")
+    return lines
+
+
+def metrics_table(metrics: dict) -> str:
+    """The headline numbers of a metrics.json as markdown tables: reconstruction, samples, and where
+    measured the domain features, the smooth decoder beside the sharp one, sharpness, TSTR and C2ST."""
+    lines = _reconstruction_lines(metrics) + _sample_lines(metrics) + _domain_lines(metrics)
     lines += _smooth_decoder_lines(metrics)
     lines += _sharpness_lines(metrics)
     lines += _tstr_lines(metrics.get("tstr"))
