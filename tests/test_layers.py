@@ -4,9 +4,12 @@ layers below it (so there is no import cycle), and imports sit at module level e
 optional ones."""
 
 import ast
+import io
 import json
+import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -158,3 +161,28 @@ def test_readme_layout_table_matches_the_layers():
     section = readme.split("### Package layout", 1)[1].split("\n#", 1)[0]
     rows = re.findall(r"^\| (\d+) \| `([\w.]+)` \|", section, flags=re.M)
     assert {m: int(i) for i, m in rows} == LAYER_OF
+
+
+# Code comments give reasons; measured figures drift with every run and live in docs/results/.
+# Settings the code itself fixes (a poll interval, a threshold) are not measurements.
+FIGURE = re.compile(r"(?<![\w.])\d[\d,]*(\.\d+)?\s?(dB|ms|s|sec|seconds|min|minutes|hours?)\b(?![\w/])"
+                    r"|\b\d+(\.\d+)?x (faster|slower)|\bFD \d")
+SETTINGS = {("lab/bench.py", "2 ms"), ("lab/bench.py", "24 dB"), ("lab/bench.py", "2 dB"), ("lab/metrics.py", "60 dB")}
+
+
+def _comments_and_docstrings(path: Path):
+    src = path.read_text()
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            yield tok.string
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield ast.get_docstring(node, clean=False) or ""
+
+
+@pytest.mark.parametrize("module", sorted(LAYER_OF))
+def test_no_measured_figures_in_comments_or_docstrings(module):
+    rel = module.replace(".", "/") + ".py"
+    found = {m.group(0) for text in _comments_and_docstrings(_path(module)) for m in FIGURE.finditer(text)}
+    found = {f for f in found if (rel, f) not in SETTINGS and not re.fullmatch(r"\d, s", f)}
+    assert not found, f"{module}: measured figures {sorted(found)} in comments; give the reason, put the figure in docs/results/"
