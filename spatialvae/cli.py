@@ -336,7 +336,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
     cfg = run.config().with_overrides(args.set)
     cfg = cfg.with_data_root(args.data)
     t0 = time.perf_counter()
-    prior = fit_run_prior(args.run, cfg, progress=not args.quiet, force=args.force, if_done="error",
+    prior = fit_run_prior(args.run, cfg, progress=not args.quiet, if_done="replace" if args.force else "error",
                           log=lambda msg: print(msg, flush=True))
     d = prior.describe()
     print(f"wrote {prior_path(args.run)}: {d['parameters']:,} parameters, {d['steps']} steps, "

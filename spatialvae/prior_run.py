@@ -71,13 +71,12 @@ def val_loss(prior: LearnedPrior, latents: torch.Tensor, labels: Optional[torch.
     return float(flow_matching_loss(prior.net, x1, y, torch.Generator().manual_seed(0)))
 
 
-def fit_logged(prior: LearnedPrior, latents: torch.Tensor, labels: Optional[torch.Tensor] = None,
-               val_latents: Optional[torch.Tensor] = None, val_labels: Optional[torch.Tensor] = None,
+def fit_logged(prior: LearnedPrior, train: tuple, val: Optional[tuple] = None,
                progress: bool = False, log: Callable[[str], None] = lambda s: None,
                state: Optional[dict] = None, save: Optional[Callable[[dict], None]] = None) -> LearnedPrior:
-    """``prior.fit`` with a progress bar and, every ``log_every`` steps and at the end, a row of
-    ``prior.history`` (mean training loss, lr, seconds, the EMA net's loss on the validation
-    latents), a log line and ``save(training state)``; ``state`` (a saved one) continues from it."""
+    """``prior.fit`` on ``train`` = (latents (N, C, H, W), labels (N,) or None) with a progress bar and, every ``log_every`` steps and at the end, a row of
+    ``prior.history`` (mean training loss, lr, seconds, the EMA net's loss on ``val`` = (latents,
+    labels), if given), a log line and ``save(training state)``; ``state`` (a saved one) continues from it."""
     c = prior.cfg
     bar = tqdm(total=c.steps, initial=int(state["step"]) if state is not None else 0, desc="latent prior",
                disable=not progress, leave=False, file=sys.stderr, mininterval=2.0)
@@ -90,8 +89,8 @@ def fit_logged(prior: LearnedPrior, latents: torch.Tensor, labels: Optional[torc
         if fit.step % c.log_every != 0 and fit.step != c.steps:
             return
         row = {"step": fit.step, "loss": running / n, "lr": fit.lr_at(fit.step - 1), "seconds": prior.train_seconds}
-        if val_latents is not None and len(val_latents):
-            row["val_loss"] = val_loss(prior, val_latents, val_labels)
+        if val is not None and len(val[0]):
+            row["val_loss"] = val_loss(prior, *val)
         prior.history.append(row)
         log(f"prior step {fit.step}/{c.steps}: loss {row['loss']:.4f}"
             + (f", val {row['val_loss']:.4f}" if "val_loss" in row else "") + f" | {row['seconds']:.0f} s")
@@ -99,17 +98,17 @@ def fit_logged(prior: LearnedPrior, latents: torch.Tensor, labels: Optional[torc
         if save is not None:
             save(fit.state())
 
-    prior.fit(latents, labels, state=state, after_step=after_step)
+    prior.fit(*train, state=state, after_step=after_step)
     bar.close()
     return prior
 
 
 def fit_run_prior(run_dir, cfg=None, splits=None, device=None, progress: bool = True,
-                  log: Callable[[str], None] = print, force: bool = False, if_done: str = "keep") -> LearnedPrior:
+                  log: Callable[[str], None] = print, if_done: str = "keep") -> LearnedPrior:
     """Train (or finish) the learned prior of a run on its best checkpoint's latents.
 
     cfg: the run's Config (default: its config.json) whose ``prior`` section is used. A finished
-    ``checkpoints/prior.pt`` is kept (``if_done="keep"``) or refused (``"error"``) unless ``force``;
+    ``checkpoints/prior.pt`` is kept (``if_done="keep"``), refused (``"error"``) or trained again (``"replace"``);
     an unfinished one is resumed when its settings match. Saves every ``prior.log_every`` steps.
     """
     run_dir = Path(run_dir)
@@ -122,7 +121,7 @@ def fit_run_prior(run_dir, cfg=None, splits=None, device=None, progress: bool = 
     cfg = cfg or (RunDir(run_dir).config() if RunDir(run_dir).is_run() else run_cfg)
     path = prior_path(run_dir)
     state = None
-    if path.is_file() and not force:
+    if path.is_file() and if_done != "replace":
         blob = _read_prior_file(path)
         same_vae = blob.get("vae_epoch") == int(ckpt.get("epoch", 0))
         same_cfg = blob.get("config") == asdict(cfg.prior)
@@ -147,8 +146,9 @@ def fit_run_prior(run_dir, cfg=None, splits=None, device=None, progress: bool = 
         f"{cfg.prior.steps} steps of {cfg.prior.batch_size}")
     with on_disk_full(f"{ckpt_path} and the rest of the run are kept, and {path.name} holds the prior's last save, "
                       "if any", f"free space, then `python -m spatialvae prior --run {run_dir}` continues it"):
-        return fit_logged(LearnedPrior(cfg.prior), lat["train"], lat["train_labels"], lat.get("val"),
-                          lat.get("val_labels"), progress=progress, log=log, state=state,
+        return fit_logged(LearnedPrior(cfg.prior), (lat["train"], lat["train_labels"]),
+                          (lat["val"], lat["val_labels"]) if "val" in lat else None,
+                          progress=progress, log=log, state=state,
                           save=lambda s: atomic_torch_save({**s, **extra}, path))
 
 

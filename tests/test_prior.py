@@ -43,7 +43,7 @@ def test_flownet_keeps_the_latent_shape_and_starts_at_zero_velocity(shape):
 @pytest.fixture(scope="module")
 def fitted() -> LearnedPrior:
     x, y = two_clusters()
-    return fit_logged(LearnedPrior(tiny_cfg()), x, y, x[:40], y[:40])
+    return fit_logged(LearnedPrior(tiny_cfg()), (x, y), (x[:40], y[:40]))
 
 
 def test_learned_prior_draws_each_class_near_its_own_cluster(fitted):
@@ -102,9 +102,9 @@ def test_interrupted_prior_training_resumes_to_the_same_weights():
             raise Killed  # the session dies right after the save at step 10
 
     with pytest.raises(Killed):
-        fit_logged(LearnedPrior(cfg), x, y, save=save_then_die)
+        fit_logged(LearnedPrior(cfg), (x, y), save=save_then_die)
     assert saved[-1]["step"] == 10 and not saved[-1]["done"]
-    resumed = fit_logged(LearnedPrior(cfg), x, y, state=saved[-1])
+    resumed = fit_logged(LearnedPrior(cfg), (x, y), state=saved[-1])
     for a, b in zip(whole.net.state_dict().values(), resumed.net.state_dict().values()):
         assert torch.equal(a, b)
     assert [h["step"] for h in resumed.history] == [10, 20, 30]
@@ -332,7 +332,7 @@ def test_a_run_prior_killed_mid_training_resumes_to_the_weights_of_one_never_sto
     monkeypatch.setattr(pr, "atomic_torch_save", save_then_die)
     with warnings.catch_warnings(), pytest.raises(Killed):
         warnings.simplefilter("ignore")
-        pr.fit_run_prior(run, progress=False, log=lambda s: None, force=True)
+        pr.fit_run_prior(run, progress=False, log=lambda s: None, if_done="replace")
     monkeypatch.undo()
     stopped = torch.load(pr.prior_path(run), weights_only=True)
     assert stopped["step"] == 10 and not stopped["done"]
