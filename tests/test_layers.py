@@ -186,3 +186,37 @@ def test_no_measured_figures_in_comments_or_docstrings(module):
     found = {m.group(0) for text in _comments_and_docstrings(_path(module)) for m in FIGURE.finditer(text)}
     found = {f for f in found if (rel, f) not in SETTINGS and not re.fullmatch(r"\d, s", f)}
     assert not found, f"{module}: measured figures {sorted(found)} in comments; give the reason, put the figure in docs/results/"
+
+
+# Constructors whose many arguments mirror the recipe's knobs, and the lab's command entry points
+# (one keyword per command-line flag). The list may shrink, never grow.
+MANY_PARAMETERS = {"data.load_split", "lab.ablation.run_ablation", "lab.bench.measure_step", "lab.bench.run_bench",
+                   "lab.features.build_features_file", "lab.tstr.run_tstr", "model.Encoder.__init__",
+                   "model.Decoder.__init__", "training.build_trainer", "training.Trainer.__init__"}
+
+
+def _definitions(module: str):
+    """(qualified name, node) of every function and class in a module."""
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}.{child.name}"
+                yield name, child
+                yield from walk(child, name)
+    yield from walk(ast.parse(_path(module).read_text()), module)
+
+
+@pytest.mark.parametrize("module", sorted(LAYER_OF))
+def test_functions_and_classes_stay_readable_at_once(module):
+    """Functions of at most 60 lines and 7 parameters (self aside), classes of at most 250 lines."""
+    bad = []
+    for name, node in _definitions(module):
+        lines = node.end_lineno - node.lineno + 1
+        if isinstance(node, ast.ClassDef):
+            bad += [f"class {name}: {lines} lines"] if lines > 250 else []
+            continue
+        a = node.args
+        n = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) - (1 if a.args and a.args[0].arg in ("self", "cls") else 0)
+        bad += [f"{name}: {lines} lines"] if lines > 60 else []
+        bad += [f"{name}: {n} parameters"] if n > 7 and name not in MANY_PARAMETERS else []
+    assert not bad, f"split these: {bad}"
