@@ -206,7 +206,7 @@ def _sync(dev: torch.device):
 
 def _run_in_child(args: dict, timeout: float) -> dict:
     """measure_step in a fresh interpreter; errors come back as {"error": reason}."""
-    cmd = [sys.executable, "-m", "spatialvae.bench", json.dumps(args)]
+    cmd = [sys.executable, "-m", "spatialvae.lab.bench", json.dumps(args)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
