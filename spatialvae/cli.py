@@ -291,12 +291,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _sampler_name(name: Optional[str], run: str) -> str:
-    """``--sampler`` as given, or the run's learned prior when it has one (else the GMM); the old
-    name ``prior`` for N(0, I) still works, with a note naming the new one."""
-    if name == "prior":
-        print("note: --sampler prior is now --sampler standard_normal (N(0, I)); `prior` is the command that "
-              "trains the learned prior, which --sampler learned samples", file=sys.stderr)
-        return "standard_normal"
+    """``--sampler`` as given, or the run's learned prior when it has one (else the GMM)."""
     if name is None:
         from .prior_run import prior_path
         return "learned" if prior_path(run).is_file() else "gmm"
@@ -485,11 +480,10 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--decoder", choices=("sharp", "smooth"), default=None,
                    help="sharp: the texture stage's decoder (checkpoints/sharp.pt, the default when the run has one); "
                         "smooth: best.pt's L1 + SSIM decoder")
-    p.add_argument("--sampler", choices=("learned", "gmm", "gaussian", "standard_normal", "prior"), default=None,
+    p.add_argument("--sampler", choices=("learned", "gmm", "gaussian", "standard_normal"), default=None,
                    help="learned: the run's flow-matching prior (checkpoints/prior.pt; the default when the run has "
                         "one); gmm (the default otherwise) or gaussian: fitted to the training latents (needs the "
-                        "data); standard_normal: N(0, I), which the low-KL latent does not fill ('prior' is its old, "
-                        "deprecated name)")
+                        "data); standard_normal: N(0, I), which the low-KL latent does not fill")
     p.add_argument("--label", default=None,
                    help="normal, pneumonia, or a mix such as normal:0.3,pneumonia:0.7 (default: the training mix)")
     p.add_argument("--guidance", type=non_negative, default=None,

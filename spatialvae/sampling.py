@@ -88,7 +88,6 @@ class StandardNormalSampler:
         return {"kind": "N(0, I)"}
 
 
-PriorSampler = StandardNormalSampler  # its old name, kept so existing notebooks still import it
 
 
 class GaussianSampler:
@@ -241,7 +240,8 @@ class PerClass:
 SAMPLER_NAMES = ("standard_normal", "gaussian", "gmm", "gaussian_per_class", "gmm_per_class", "learned",
                  "learned_label_free")
 # What files written before the names were unified call them; read at the file boundary only.
-OLD_SAMPLER_NAMES = {"aggregate_posterior": "gaussian", "aggregate_posterior_per_class": "gaussian_per_class"}
+OLD_SAMPLER_NAMES = {"aggregate_posterior": "gaussian", "aggregate_posterior_per_class": "gaussian_per_class",
+                     "prior": "standard_normal"}
 
 
 def fit_sampler(kind: str, latents: torch.Tensor, labels: Optional[torch.Tensor] = None, seed: int = 0):

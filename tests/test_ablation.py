@@ -181,13 +181,18 @@ def test_ablation_figure_is_drawn_from_tensors(tmp_path):
 
 
 def test_a_variant_evaluated_before_the_sampler_rename_keeps_its_n01_row(tmp_path):
+    import json
+
     from spatialvae.lab.ablation import _row
+    from spatialvae.lab.evaluate import read_metrics
 
     old = {"fid": None, "domain_fd_vs_train": 12.5, "ms_ssim_diversity": {"mean": 0.01},
            "nn_train_rmse": {"mean": 0.4}}
     metrics = {"samplers": {"prior": old, "gmm": old},  # N(0, I)'s key before the rename
                "reconstruction": {"overall": {"ssim": 0.9, "psnr_db": 29.0, "l1": 0.02}, "identity": 1.0},
                "checkpoint": {"epoch": 2}, "perceptual_mode": "off", "seconds": 1.0}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    metrics = read_metrics(tmp_path / "metrics.json")  # old names are read as today's at the file, nowhere else
     row = _row("recipe", ablation_base("smoke", (1, 1), "off"), tmp_path, metrics, [{"seconds": 1.0}] * 2, 16)
     assert row["standard_normal"] == {"fid": None, "domain_fd_vs_train": 12.5, "ms_ssim_diversity": 0.01,
                                       "nn_train_rmse": 0.4}

@@ -241,17 +241,14 @@ def test_sample_uses_the_learned_prior_by_default_and_says_so(prior_run, tmp_pat
     assert code == 0 and "GMM samples (--sampler gmm)" in text  # no prior.pt: the GMM, named
 
 
-def test_the_old_sampler_name_prior_still_draws_n01_and_names_the_new_one(prior_run, tmp_path, capsys):
-    from PIL import Image
-
+def test_n01_samples_are_standard_normal_and_the_old_name_is_refused(prior_run, tmp_path, capsys):
     run, _ = prior_run
-    code, text, err = _cli(["sample", "--run", run, "--sampler", "prior", "--n", 4, "--out", tmp_path / "old.png"],
-                           capsys)
-    assert code == 0 and "--sampler standard_normal" in err and "N(0, I) samples" in text
-    code, _, _ = _cli(["sample", "--run", run, "--sampler", "standard_normal", "--n", 4, "--out", tmp_path / "new.png"],
-                      capsys)
-    grids = [np.asarray(Image.open(tmp_path / f)) for f in ("old.png", "new.png")]
-    assert code == 0 and np.array_equal(*grids)
+    code, text, _ = _cli(["sample", "--run", run, "--sampler", "standard_normal", "--n", 4, "--out", tmp_path / "n.png"],
+                         capsys)
+    assert code == 0 and "N(0, I) samples" in text
+    with pytest.raises(SystemExit) as e:  # argparse: one usage line and the choices
+        _cli(["sample", "--run", run, "--sampler", "prior", "--n", 4, "--out", tmp_path / "old.png"], capsys)
+    assert e.value.code == 2 and "invalid choice: 'prior'" in capsys.readouterr().err
 
 
 def test_sample_into_a_folder_that_cannot_be_made_is_one_error_line(prior_run, capsys):

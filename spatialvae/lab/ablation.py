@@ -42,7 +42,7 @@ def _row(name: str, cfg: Config, run_dir: Path, metrics: dict, history: list[dic
     rec = metrics["reconstruction"]["overall"]
 
     def sampler(key: str) -> dict:
-        r = s.get(key) or (s.get("prior", {}) if key == "standard_normal" else {})  # "prior": before the rename
+        r = s.get(key) or {}
         return {"fid": r.get("fid"), "domain_fd_vs_train": r.get("domain_fd_vs_train"),
                 "ms_ssim_diversity": (r.get("ms_ssim_diversity") or {}).get("mean"),
                 "nn_train_rmse": (r.get("nn_train_rmse") or {}).get("mean")}

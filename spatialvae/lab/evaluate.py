@@ -899,5 +899,4 @@ def load_eval_images(run_dir: str | os.PathLike) -> dict:
         return {}
     if not isinstance(saved, dict):
         return {}
-    renamed = {"prior": "standard_normal"}  # N(0, I)'s key in files written before the rename
-    return {renamed.get(k, k): v.float() / 255 for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    return {OLD_SAMPLER_NAMES.get(k, k): v.float() / 255 for k, v in saved.items() if isinstance(v, torch.Tensor)}
