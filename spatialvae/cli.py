@@ -357,6 +357,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_figures(args: argparse.Namespace) -> int:
+    """README's pictures of a run: learned samples per class beside real X-rays, and reconstructions."""
+    from .lab.figures import readme_figures
+
+    paths = readme_figures(args.run, args.out, data_root=args.data, n=args.n, seed=args.seed, guidance=args.guidance)
+    for path in paths.values():
+        print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KB)")
+    return 0
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     """Train the chest X-ray feature extractor used for the domain Fréchet distance."""
     from .lab.features import build_features_file
@@ -529,6 +539,18 @@ def _add_evaluate_parser(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_figures_parser(sub) -> None:
+    p = sub.add_parser("figures", help="README's pictures of a run: samples per class beside real X-rays, reconstructions")
+    p.add_argument("--run", metavar="RUN_DIR", required=True, help="a run with a learned prior (checkpoints/prior.pt)")
+    p.add_argument("--out", metavar="DIR", default="docs/img", help="folder for samples.png and reconstructions.png "
+                                                                   "(default docs/img)")
+    p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: the run's own)")
+    p.add_argument("--n", type=count(2), default=6, help="images per row (default 6)")
+    p.add_argument("--guidance", type=float, default=None, help="the learned prior's guidance (default: its own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_figures)
+
+
 def _add_features_parser(sub) -> None:
     p = sub.add_parser("features", help="train the chest X-ray feature extractor for the domain Fréchet distance")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: $SPATIALVAE_DATA, Kaggle)")
@@ -599,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_parser(sub)
     _add_prior_parser(sub)
     _add_evaluate_parser(sub)
+    _add_figures_parser(sub)
     _add_features_parser(sub)
     _add_ablate_parser(sub)
     _add_bench_parser(sub)

@@ -30,7 +30,7 @@ LAYERS = (
     ("lab.variants", "lab.metrics", "lab.report", "lab.classifier"),
     ("lab.c2st", "lab.features"),
     ("lab.bench", "lab.tstr"),
-    ("lab.evaluate",),
+    ("lab.evaluate", "lab.figures"),
     ("lab.ablation",),
     ("cli",),  # imports config/errors at module level, each command's modules inside it
 )
