@@ -5,9 +5,9 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from conftest import copy_run
 from PIL import Image
 
-from conftest import copy_run
 from spatialvae.cli import main
 
 
