@@ -186,8 +186,8 @@ def test_every_field_has_a_default_reason_comment():
 
 
 def _readme_config_mentions() -> list:
-    text = (REPO / "README.md").read_text()
-    pattern = re.compile(r"(?<![\w./-])((?:data|model|loss|train|prior)(?:\.[A-Za-z_]\w*)+)(?:=([^\s`\"'\])},;]+))?")
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))])
+    pattern = re.compile(r"(?<![\w./-])((?:data|model|loss|train|prior|texture)(?:\.[A-Za-z_]\w*)+)(?:=([^\s`\"'\])},;]+))?")
     found = []
     for m in pattern.finditer(text):
         key, value = m.group(1), m.group(2)
@@ -199,9 +199,9 @@ def _readme_config_mentions() -> list:
 
 def test_every_config_key_the_readme_names_exists_and_its_values_are_accepted():
     mentions = _readme_config_mentions()
-    assert len({k for k, _ in mentions}) >= 20  # the README does document the config (guards the regex)
+    assert len({k for k, _ in mentions}) >= 20  # README and docs do document the config (guards the regex)
     unknown = sorted({k for k, _ in mentions if k not in LEAF_KEYS})
-    assert not unknown, f"README names config keys that do not exist: {unknown}"
+    assert not unknown, f"README or docs name config keys that do not exist: {unknown}"
     seed = get_preset("seed")
     for key, value in mentions:
         if value is None or re.fullmatch(r"[A-Z]+", value):

@@ -154,11 +154,11 @@ def test_import_spatialvae_does_not_import_torch():
     assert r.stdout.strip() == "False"
 
 
-def test_readme_layout_table_matches_the_layers():
+def test_the_layout_table_in_docs_matches_the_layers():
     import re
 
-    readme = (PKG.parent / "README.md").read_text()
-    section = readme.split("### Package layout", 1)[1].split("\n#", 1)[0]
+    page = (PKG.parent / "docs" / "development.md").read_text()
+    section = page.split("## Package layout", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| (\d+) \| `([\w.]+)` \|", section, flags=re.M)
     assert {m: int(i) for i, m in rows} == LAYER_OF
 
