@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from .runs import atomic_write
@@ -48,11 +49,15 @@ def _pad_width(img: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write a (1, H, W) or (N, 1, H, W) tensor in [0, 1] as PNG, atomically (see `runs.atomic_write`)."""
+    """Write a (C, H, W) or (N, C, H, W) tensor in [0, 1] as PNG, atomically (see `runs.atomic_write`).
+    One channel is written as an 8-bit grayscale PNG (a third of the RGB file, the same picture)."""
 
     if image.dim() == 4:
         image = image_grid(image)
-    return atomic_write(path, lambda f: save_image(image, f, format="png"))
+    if image.shape[0] != 1:
+        return atomic_write(path, lambda f: save_image(image, f, format="png"))
+    pixels = (image[0].detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()  # as save_image rounds
+    return atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="png", optimize=True))
 
 
 # ---- matplotlib figures (notebook and reports) -------------------------------------------------

@@ -46,8 +46,14 @@ def sample_rows(run_dir, splits, n: int, seed: int, guidance: Optional[float] = 
     for k, pick in enumerate(_class_rows(splits.val.labels, n, seed)):
         labels = torch.full((n,), k, dtype=torch.long)
         z = prior.sample(n, generator=torch.Generator().manual_seed(seed + k), labels=labels, guidance=guidance)
-        rows += [as_float_images(splits.val.images[pick]), decode_latents(model, z)]
+        rows += [_full_row(as_float_images(splits.val.images[pick]), n), decode_latents(model, z)]
     return torch.cat(rows)
+
+
+def _full_row(images: torch.Tensor, n: int) -> torch.Tensor:
+    """``images`` (k, 1, S, S) with white tiles after them up to n, so a short class keeps the grid's rows."""
+    blank = torch.ones((n - len(images), *images.shape[1:]))
+    return torch.cat([images, blank])
 
 
 def reconstruction_rows(run_dir, splits, n: int, seed: int) -> torch.Tensor:
@@ -60,7 +66,8 @@ def reconstruction_rows(run_dir, splits, n: int, seed: int) -> torch.Tensor:
     decoders = [run.best] + ([run.checkpoint("sharp")] if run.checkpoint("sharp").is_file() else [])
     smooth = load_model(decoders[0])[0]
     z = encode_dataset(smooth, x)  # the encoder is the same in both checkpoints: one latent per image
-    return torch.cat([x] + [decode_latents(load_model(path)[0], z) for path in decoders])
+    rows = [x] + [decode_latents(load_model(path)[0], z) for path in decoders]
+    return torch.cat([_full_row(r, n) for r in rows])
 
 
 def readme_figures(run_dir: str | os.PathLike, out: str | os.PathLike, data_root: Optional[str] = None,
