@@ -210,8 +210,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 monitor_data=splits.test if args.monitor_test else None)
         t0 = time.perf_counter()
         trainer.fit()
-        if rank == 0:
-            _after_training(trainer, splits, args.quiet, t0)
+        # Rank 0 alone runs the stages after training; the others wait for its word (or its failure,
+        # at once), so every rank leaves the process group together.
+        distributed.run_on_main(lambda: _after_training(trainer, splits, args.quiet, t0))
     finally:
         distributed.shutdown()
     return 0

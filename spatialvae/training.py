@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -143,7 +144,8 @@ class Trainer:
         self.noise = noise_generator(t.seed, self.rank, self.device)  # checkpointed with the rank's streams
         self.step_tools = StepTools(
             self.optimizer, self.scaler, [p for p in self.raw_model.parameters() if p.requires_grad], t.grad_clip,
-            autocast=self._autocast, all_finite=lambda v: distributed.all_true(v.isfinite().all()), noise=self.noise)
+            autocast=partial(autocast_context, self.device, self.amp_dtype),  # not self._autocast: no cycle through self
+            all_finite=lambda v: distributed.all_true(v.isfinite().all()), noise=self.noise)
 
     # ---- phases ------------------------------------------------------------------------------
     def _enter_phase(self, phase: int) -> None:

@@ -184,3 +184,16 @@ def real_smoke_run(real_data_root, tmp_path_factory) -> Path:
 def copy_run(run: Path, dest: Path) -> Path:
     """A copy of a run folder under ``dest`` (same folder name)."""
     return Path(shutil.copytree(run, dest / run.name))
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """The CLI in this process (no interpreter start-up) -> (exit code, stdout, stderr)."""
+    import warnings
+
+    from spatialvae.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fake tree's unreadable files
+        code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_run
+from conftest import copy_run, run_cli
 
 from spatialvae import runs
 from spatialvae.cli import main
@@ -72,14 +72,6 @@ class FullDisk:
 @pytest.fixture
 def full_disk(monkeypatch) -> FullDisk:
     return FullDisk(monkeypatch)
-
-
-def _main(capsys, *args) -> tuple[int, str, str]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fake tree's unreadable files
-        code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_error_line(err: str) -> str:
@@ -136,7 +128,7 @@ def test_a_checkpoint_that_fills_the_disk_is_one_line_and_resume_ends_bit_identi
     whole, tree = fake_smoke_run
     out = tmp_path / "runs"
     full_disk.fill("last.pt", at=3)  # the third checkpoint, as on the 1.4 MB tmpfs
-    code, _, err = _main(capsys, *_smoke_train(tree["root"], out))
+    code, _, err = run_cli(capsys, *_smoke_train(tree["root"], out))
     run = out / "000-smoke"
     assert code == 2 and _one_error_line(err) == (
         f"error: cannot write {run}/checkpoints/last.pt: the disk is full ({ENOSPC}); the last good checkpoint "
@@ -146,7 +138,7 @@ def test_a_checkpoint_that_fills_the_disk_is_one_line_and_resume_ends_bit_identi
     assert not (run / "checkpoints" / "prior.pt").exists()  # the run stopped at the failed write
 
     full_disk.rules.clear()  # space freed
-    code, _, err = _main(capsys, "train", "--resume", run, "--quiet")
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--quiet")
     assert code == 0, err
     for name in ("last.pt", "best.pt"):
         a, b = load_checkpoint(whole / "checkpoints" / name), load_checkpoint(run / "checkpoints" / name)
@@ -170,7 +162,7 @@ def test_a_checkpoint_that_fills_the_disk_is_one_line_and_resume_ends_bit_identi
 def test_every_training_file_on_a_full_disk_is_one_line(kaggle_tree, tmp_path, full_disk, capsys, name, at, kept):
     out = tmp_path / "runs"
     full_disk.fill(name, at=at)
-    code, _, err = _main(capsys, *_smoke_train(kaggle_tree["root"], out, "--set", "prior.enabled=false"))
+    code, _, err = run_cli(capsys, *_smoke_train(kaggle_tree["root"], out, "--set", "prior.enabled=false"))
     line = _one_error_line(err)
     assert code == 2 and f"cannot write {out / '000-smoke'}" in line and f"{name}: the disk is full ({ENOSPC}); " in line
     assert kept in line and full_disk.no_temp_left() and not _stray_temps(out)
@@ -198,7 +190,7 @@ def test_train_log_on_a_full_disk_is_one_line_not_logging_s_traceback(kaggle_tre
     real_open = runs._LogFile._open
     monkeypatch.setattr(runs._LogFile, "_open", lambda self: FillsAfter(real_open(self), room=3))
     out = tmp_path / "runs"
-    code, stdout, err = _main(capsys, *_smoke_train(kaggle_tree["root"], out, "--set", "prior.enabled=false"))
+    code, stdout, err = run_cli(capsys, *_smoke_train(kaggle_tree["root"], out, "--set", "prior.enabled=false"))
     run = out / "000-smoke"
     assert code == 2 and _one_error_line(err) == (
         f"error: cannot write {run}/train.log: the disk is full ({ENOSPC}); the last good checkpoint is epoch 2 "
@@ -234,7 +226,7 @@ def test_prior_pt_on_a_full_disk_is_one_line(fake_smoke_run, tmp_path, full_disk
     run = copy_run(fake_smoke_run[0], tmp_path)
     before = (run / "checkpoints" / "prior.pt").read_bytes()
     full_disk.fill("prior.pt")
-    code, _, err = _main(capsys, "prior", "--run", run, "--force", "--quiet")
+    code, _, err = run_cli(capsys, "prior", "--run", run, "--force", "--quiet")
     assert code == 2 and _one_error_line(err) == (
         f"error: cannot write {run}/checkpoints/prior.pt: the disk is full ({ENOSPC}); {run}/checkpoints/best.pt "
         "and the rest of the run are kept, and prior.pt holds the prior's last save, if any; free space, then "
@@ -262,7 +254,7 @@ def test_the_texture_stage_s_sharp_pt_on_a_full_disk_is_one_line(fake_smoke_run,
 def test_metrics_json_on_a_full_disk_is_one_line(fake_smoke_run, tmp_path, full_disk, capsys):
     run = copy_run(fake_smoke_run[0], tmp_path)
     full_disk.fill("metrics.json")
-    code, _, err = _main(capsys, "evaluate", "--run", run, "--data", fake_smoke_run[1]["root"], "--inception", "off",
+    code, _, err = run_cli(capsys, "evaluate", "--run", run, "--data", fake_smoke_run[1]["root"], "--inception", "off",
                          "--tstr", "0", "--no-c2st", "--n", "8", "--quiet")
     assert code == 2 and _one_error_line(err) == (
         f"error: cannot write {run}/metrics.json: the disk is full ({ENOSPC}); the run's checkpoints are untouched "
@@ -288,7 +280,7 @@ def test_evaluation_pictures_on_a_full_disk_are_one_line(tmp_path, full_disk, na
 def test_the_features_file_on_a_full_disk_is_one_line(kaggle_tree, tmp_path, full_disk, capsys):
     out = tmp_path / "f.pt"
     full_disk.fill("f.pt")
-    code, _, err = _main(capsys, "features", "--data", kaggle_tree["root"], "--out", out, "--image-size", "32",
+    code, _, err = run_cli(capsys, "features", "--data", kaggle_tree["root"], "--out", out, "--image-size", "32",
                          "--epochs", "1", "--quiet")
     assert code == 2 and _one_error_line(err) == (
         f"error: cannot write {out}: the disk is full ({ENOSPC}); nothing was written to {out} (a file there before "
@@ -300,7 +292,7 @@ def test_the_features_file_on_a_full_disk_is_one_line(kaggle_tree, tmp_path, ful
 def test_a_sample_grid_on_a_full_disk_is_one_line(fake_smoke_run, tmp_path, full_disk, capsys):
     out = tmp_path / "s.png"
     full_disk.fill("s.png")
-    code, _, err = _main(capsys, "sample", "--run", fake_smoke_run[0], "--n", "4", "--out", out)
+    code, _, err = run_cli(capsys, "sample", "--run", fake_smoke_run[0], "--n", "4", "--out", out)
     assert code == 2 and _one_error_line(err) == (
         f"error: cannot write {out}: the disk is full ({ENOSPC}); {out} is as it was before this write (files are "
         "replaced whole or not at all); free space (or raise the quota), then run the command again")
@@ -315,7 +307,7 @@ def test_bench_output_on_a_full_disk_is_one_line_after_the_table(tmp_path, full_
     monkeypatch.setattr(spatialvae.lab.report, "bench_table", lambda res: "| the table |")
     out = tmp_path / "b.json"
     full_disk.fill("b.json")
-    code, stdout, err = _main(capsys, "bench", "--out", out, "--quiet")
+    code, stdout, err = run_cli(capsys, "bench", "--out", out, "--quiet")
     assert code == 2 and "| the table |" in stdout and _one_error_line(err) == (
         f"error: cannot write {out}: the disk is full ({ENOSPC}); the figures are in the table above; free space "
         "(or pass --out on a disk with room), then run bench again")

@@ -4,11 +4,11 @@ import os
 import pickle
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from torch.utils.data import Dataset
 
 from spatialvae.config import get_preset
@@ -251,20 +251,9 @@ def _cli(*args, env=None, timeout=300):
                           env=e, timeout=timeout)
 
 
-def _main(capsys, *args) -> tuple[int, str, str]:
-    """The CLI in this process (no interpreter start-up) -> (exit code, stdout, stderr)."""
-    from spatialvae.cli import main
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fake tree's unreadable files
-        code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_smoke_run_leaves_the_full_run_folder_and_resumes(kaggle_tree, tmp_path, capsys):
     # The real data's CLI run is conftest's session-wide `real_smoke_run` (test_evaluate, test_features).
-    code, out, err = _main(capsys, "train", "--preset", "smoke", "--data", kaggle_tree["root"], "--out",
+    code, out, err = run_cli(capsys, "train", "--preset", "smoke", "--data", kaggle_tree["root"], "--out",
                            tmp_path / "runs", "--set", "loss.perceptual_weight=0.1", "--set", "loss.vgg_weights=random",
                            "--quiet")
     assert code == 0, err
@@ -276,14 +265,14 @@ def test_cli_smoke_run_leaves_the_full_run_folder_and_resumes(kaggle_tree, tmp_p
         assert (run / f).is_file(), f
     assert len(read_history_csv(run / "history.csv")) == 3
     # Extend the finished run by one epoch with --resume: it continues at epoch 4.
-    code, out, err = _main(capsys, "train", "--resume", run, "--set", "train.phase2.epochs=3", "--quiet")
+    code, out, err = run_cli(capsys, "train", "--resume", run, "--set", "train.phase2.epochs=3", "--quiet")
     assert code == 0, err
     assert "resumed" in out and [h["epoch"] for h in read_history_csv(run / "history.csv")] == [1, 2, 3, 4]
-    code, _, err = _main(capsys, "sample", "--run", run, "--n", "9", "--out", tmp_path / "s.png")
+    code, _, err = run_cli(capsys, "sample", "--run", run, "--n", "9", "--out", tmp_path / "s.png")
     assert code == 0, err
     from PIL import Image
     assert Image.open(tmp_path / "s.png").size == (3 * 32 + 4 * 2, 3 * 32 + 4 * 2)
-    code, _, err = _main(capsys, "train", "--resume", run, "--set", "model.channels=8,16,16", "--quiet")
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--set", "model.channels=8,16,16", "--quiet")
     assert code == 2 and "incompatible config" in err and "Traceback" not in err
 
 
@@ -424,6 +413,22 @@ def test_the_posterior_noise_comes_from_the_trainers_own_stream():
     assert all(torch.equal(v, b.raw_model.state_dict()[k]) for k, v in a.raw_model.state_dict().items())
     fresh = [make_trainer(smoke_cfg(**{"train.seed": seed})).noise.get_state() for seed in (0, 0, 1)]
     assert torch.equal(fresh[0], fresh[1]) and not torch.equal(fresh[0], fresh[2])  # the seed sets the stream
+
+
+def test_a_trainer_is_freed_without_the_cycle_collector():
+    """Under torchrun a trainer kept alive by a reference cycle is destroyed at interpreter exit,
+    after the process group, and gloo then aborts the rank; reference counting frees it in time."""
+    import gc
+    import weakref
+
+    trainer = make_trainer(smoke_cfg())
+    ref = weakref.ref(trainer)
+    gc.disable()
+    try:
+        del trainer
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_monitor_logs_test_psnr_and_ssim_of_the_posterior_mean(tmp_path):
