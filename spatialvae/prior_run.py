@@ -118,7 +118,8 @@ def fit_run_prior(run_dir, cfg=None, splits=None, device=None, progress: bool = 
     if len(model.latent_shape) != 3:
         raise SpatialVAEError(f"the learned prior needs a spatial latent (C, H, W); run {run_dir} has a flat latent "
                               f"{tuple(model.latent_shape)} (architecture {run_cfg.model.architecture})")
-    cfg = cfg or (RunDir(run_dir).config() if RunDir(run_dir).is_run() else run_cfg)
+    run = RunDir(run_dir)
+    cfg = cfg or (run.config() if run.is_run() else run_cfg)
     path = prior_path(run_dir)
     state = None
     if path.is_file() and if_done != "replace":

@@ -64,9 +64,9 @@ def reconstruction_rows(run_dir, splits, n: int, seed: int) -> torch.Tensor:
     x = as_float_images(splits.test.images[pick])  # (n, 1, S, S)
     run = RunDir(run_dir)
     decoders = [run.best] + ([run.checkpoint("sharp")] if run.checkpoint("sharp").is_file() else [])
-    smooth = load_model(decoders[0])[0]
-    z = encode_dataset(smooth, x)  # the encoder is the same in both checkpoints: one latent per image
-    rows = [x] + [decode_latents(load_model(path)[0], z) for path in decoders]
+    models = [load_model(path)[0] for path in decoders]  # each checkpoint loaded once
+    z = encode_dataset(models[0], x)  # the encoder is the same in both checkpoints: one latent per image
+    rows = [x] + [decode_latents(model, z) for model in models]
     return torch.cat([_full_row(r, n) for r in rows])
 
 
