@@ -126,6 +126,7 @@ class LearnedPrior:
         self.train_seconds = 0.0
         self.class_counts = [0, 0]
         self.vae_epoch: Optional[int] = None
+        self._spread: dict = {}  # (guidance, steps, label-free) -> the scale `cfg.spread` sets
 
     # ---- training ----------------------------------------------------------------------------
     def fit(self, latents: torch.Tensor, labels: Optional[torch.Tensor] = None, state: Optional[dict] = None,
@@ -141,6 +142,7 @@ class LearnedPrior:
             if after_step is not None:
                 after_step(fit, loss)
         self.net.eval()
+        self._spread = {}
         return self
 
     # ---- sampling ------------------------------------------------------------------------------
@@ -176,7 +178,28 @@ class LearnedPrior:
         self.net.eval()
         out = [self._integrate(x[s:s + batch_size], labels[s:s + batch_size], guidance, steps)
                for s in range(0, n, batch_size)]
-        return torch.cat(out) * self.std + self.mean
+        scale = self.spread_scale(guidance, steps, label_free=bool((labels == N_CLASSES).all()))
+        return torch.cat(out) * scale * self.std + self.mean
+
+    def spread_scale(self, guidance: float, steps: int, label_free: bool = False) -> float:
+        """The factor that brings the standardised samples' RMS to ``cfg.spread`` (1.0 when it is 0).
+        Measured once per setting on a fixed calibration draw in the training class mix (or
+        label-free), so it does not depend on what is being sampled."""
+        if not self.cfg.spread:
+            return 1.0
+        key = (float(guidance), int(steps), bool(label_free))
+        if key not in self._spread:
+            gen = torch.Generator().manual_seed(self.cfg.seed + 2)
+            n = self.cfg.calibration_samples
+            weights = torch.tensor(self.class_counts, dtype=torch.float64)
+            labels = (torch.multinomial(weights, n, replacement=True, generator=gen) if weights.sum() > 0
+                      else torch.full((n,), N_CLASSES, dtype=torch.long))
+            if label_free:  # after the draw, so both calibrations integrate the same noise
+                labels = torch.full((n,), N_CLASSES, dtype=torch.long)
+            x = torch.randn((n, *self.latent_shape), generator=gen)
+            z = torch.cat([self._integrate(x[s:s + 256], labels[s:s + 256], guidance, steps) for s in range(0, n, 256)])
+            self._spread[key] = float(self.cfg.spread / z.pow(2).mean().sqrt().clamp(min=1e-6))
+        return self._spread[key]
 
     def _integrate(self, x: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int) -> torch.Tensor:
         """Heun's method from t = 0 (noise) to t = 1 (data), ``steps`` velocity pairs."""
@@ -193,7 +216,8 @@ class LearnedPrior:
         n_params = sum(p.numel() for p in self.net.parameters()) if self.net is not None else 0
         return {"kind": "class-conditional flow-matching transformer over the latent (spatialvae.prior)",
                 "parameters": n_params, "steps": self.cfg.steps, "sample_steps": self.cfg.sample_steps,
-                "guidance": self.cfg.guidance, "train_seconds": round(self.train_seconds, 1),
+                "guidance": self.cfg.guidance, "time_sampling": self.cfg.time_sampling,
+                "spread": self.cfg.spread, "train_seconds": round(self.train_seconds, 1),
                 "class_counts": list(self.class_counts)}
 
     # ---- files ------------------------------------------------------------------------------------
@@ -213,7 +237,8 @@ class LearnedPrior:
             raise CheckpointError(f"{where} was trained for latents of shape {shape}, but this run's VAE has "
                                   f"{tuple(latent_shape)}; train a prior for this run: "
                                   "`python -m spatialvae prior --run RUN_DIR --force`")
-        prior = cls(PriorConfig(**blob["config"]))
+        # Priors saved before these settings existed were trained on uniform times and sampled unscaled.
+        prior = cls(PriorConfig(**{"time_sampling": "uniform", "spread": 0.0, **blob["config"]}))
         prior._build(shape)
         try:
             prior.net.load_state_dict(blob["net"])
@@ -236,10 +261,15 @@ class LearnedPrior:
         return self.net
 
 
-def flow_matching_loss(net: FlowNet, x1: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Flow-matching loss for standardised latents x1 (B, C, H, W)."""
+def flow_matching_loss(net: FlowNet, x1: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                       time_sampling: str = "uniform") -> torch.Tensor:
+    """Flow-matching loss for standardised latents x1 (B, C, H, W); ``time_sampling``: how t is drawn
+    (`PriorConfig.time_sampling`)."""
     x0 = torch.randn(x1.shape, generator=gen)
-    t = torch.rand(len(x1), generator=gen)
+    if time_sampling == "logit_normal":
+        t = torch.sigmoid(torch.randn(len(x1), generator=gen))
+    else:
+        t = torch.rand(len(x1), generator=gen)
     xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * x1
     return F.mse_loss(net(xt, t, y), x1 - x0)
 
@@ -285,7 +315,7 @@ class PriorFit:
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         self.online.train()
-        loss = flow_matching_loss(self.online, self.x[idx], y, self.gen)
+        loss = flow_matching_loss(self.online, self.x[idx], y, self.gen, c.time_sampling)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.online.parameters(), 1.0)

@@ -64,7 +64,8 @@ def run_latents(model: nn.Module, splits, device=None, progress: bool = False, v
 
 @torch.no_grad()
 def val_loss(prior: LearnedPrior, latents: torch.Tensor, labels: Optional[torch.Tensor]) -> float:
-    """Flow-matching loss of the EMA net on held-out latents, with fixed noise and times."""
+    """Flow-matching loss of the EMA net on held-out latents, with fixed noise and uniform times (whatever
+    ``time_sampling`` trained it, so the figure compares across settings)."""
     y = torch.full((len(latents),), N_CLASSES, dtype=torch.long) if labels is None else labels.long()
     prior.net.eval()
     x1 = (latents.float() - prior.mean) / prior.std

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from conftest import copy_run
 from spatialvae.config import ConfigError, PriorConfig, get_preset
 from spatialvae.errors import CheckpointError, SpatialVAEError
 from spatialvae.lab.tstr import balanced_subset, class_labels
-from spatialvae.prior import N_CLASSES, FlowNet, LearnedPrior
+from spatialvae.prior import N_CLASSES, FlowNet, LearnedPrior, flow_matching_loss
 from spatialvae.prior_run import fit_logged
 from spatialvae.sampling import GaussianSampler, PerClass, parse_label_mix
 
@@ -161,6 +163,57 @@ def test_prior_config_is_validated():
     with pytest.raises(ConfigError, match="prior.ema"):
         get_preset("quick").with_overrides({"prior.ema": 1.0})
     assert get_preset("original").prior.enabled is False and get_preset("quick").prior.enabled is True
+    with pytest.raises(ConfigError, match="prior.time_sampling='cosine' is invalid: expected 'logit_normal' or 'uniform'"):
+        get_preset("quick").with_overrides({"prior.time_sampling": "cosine"})
+    with pytest.raises(ConfigError, match=r"prior.spread=-1(\.0)? is invalid: expected 0 \(off\)"):
+        get_preset("quick").with_overrides({"prior.spread": -1})
+    with pytest.raises(ConfigError, match="prior.calibration_samples=1 is invalid: expected at least 2"):
+        get_preset("quick").with_overrides({"prior.calibration_samples": 1})
+
+
+@pytest.mark.parametrize("spread", [1.0, 1.2])
+def test_spread_gives_the_calibration_draw_that_rms_and_only_rescales(fitted, spread):
+    c = fitted.cfg
+    assert c.spread == 1.0 and c.time_sampling == "logit_normal"  # the defaults
+    fitted = LearnedPrior.from_state_dict({**fitted.state_dict(), "config": {**asdict(c), "spread": spread}})
+    c = fitted.cfg
+    # sample() without labels draws labels, then noise, from its generator, as the calibration does:
+    # the same seed reproduces the calibration draw, whose standardised RMS the scale sets to 1.
+    z = fitted.sample(c.calibration_samples, torch.Generator().manual_seed(c.seed + 2))
+    rms = ((z - fitted.mean) / fitted.std).pow(2).mean().sqrt()
+    assert abs(float(rms) - spread) < 1e-5
+    scale = fitted.spread_scale(c.guidance, c.sample_steps)
+    assert scale != 1.0
+    plain = LearnedPrior.from_state_dict({**fitted.state_dict(), "config": {**asdict(c), "spread": 0.0}})
+    assert plain.spread_scale(c.guidance, c.sample_steps) == 1.0
+    labels = torch.tensor([0, 1] * 8)
+    a = fitted.sample(16, torch.Generator().manual_seed(4), labels=labels)
+    b = plain.sample(16, torch.Generator().manual_seed(4), labels=labels)
+    torch.testing.assert_close((a - fitted.mean) / fitted.std, scale * (b - plain.mean) / plain.std,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_prior_saved_before_the_spread_and_time_settings_samples_as_it_did(fitted):
+    blob = fitted.state_dict()
+    old_cfg = {k: v for k, v in blob["config"].items() if k not in ("time_sampling", "spread")}
+    old = LearnedPrior.from_state_dict({**blob, "config": old_cfg})
+    assert old.cfg.time_sampling == "uniform" and old.cfg.spread == 0.0 and old.spread_scale(2.0, 8) == 1.0
+
+
+@pytest.mark.parametrize("time_sampling", ["uniform", "logit_normal"])
+def test_flow_matching_draws_its_times_as_configured(time_sampling):
+    seen = []
+
+    def net(xt, t, y):  # records the times it is asked about
+        seen.append(t)
+        return torch.zeros_like(xt)
+
+    x1 = torch.randn(512, *SHAPE)
+    flow_matching_loss(net, x1, torch.zeros(512, dtype=torch.long), torch.Generator().manual_seed(0), time_sampling)
+    g = torch.Generator().manual_seed(0)
+    torch.randn(x1.shape, generator=g)  # the noise comes first
+    expected = torch.sigmoid(torch.randn(512, generator=g)) if time_sampling == "logit_normal" else torch.rand(512, generator=g)
+    assert torch.equal(seen[0], expected)
 
 
 def test_tstr_helpers_balance_the_classes():
