@@ -265,8 +265,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     args.sampler = _sampler_name(args.sampler, args.run)
     if labels is not None and args.sampler == "standard_normal":
         raise ConfigError("--label needs a sampler that knows the classes: learned, gmm or gaussian")
-    if args.guidance is not None and args.sampler != "learned":
-        raise ConfigError(f"--guidance applies to --sampler learned only, not {args.sampler}; drop it or use learned")
+    for flag in ("guidance", "spread"):
+        if getattr(args, flag) is not None and args.sampler != "learned":
+            raise ConfigError(f"--{flag} applies to --sampler learned only, not {args.sampler}; drop it or use learned")
     if args.checkpoint == "last":
         path = RunDir(args.run).last
     else:
@@ -280,7 +281,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sampler = _fitted_sampler(args, model, cfg, int(ckpt.get("epoch", 0)), labels is not None)
         if args.sampler == "learned":
             from .sampling import decode_latents
-            images = decode_latents(model, sampler.sample(args.n, gen, labels=labels, guidance=args.guidance))
+            z = sampler.sample(args.n, gen, labels=labels, guidance=args.guidance, spread=args.spread)
+            images = decode_latents(model, z)
         else:
             from .sampling import generate
             images = generate(model, sampler, args.n, gen, labels=labels)
@@ -499,6 +501,9 @@ def _add_sample_parser(sub) -> None:
                    help="normal, pneumonia, or a mix such as normal:0.3,pneumonia:0.7 (default: the training mix)")
     p.add_argument("--guidance", type=non_negative, default=None,
                    help="classifier-free guidance scale of the learned prior (default: the run's prior.guidance)")
+    p.add_argument("--spread", type=non_negative, default=None,
+                   help="the RMS the learned prior's standardised draws are rescaled to: 1 = the training latents', "
+                        "above 1 sharper and more varied, 0 = as the flow draws them (default: the run's prior.spread)")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder for gmm/gaussian (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)

@@ -126,7 +126,7 @@ class LearnedPrior:
         self.train_seconds = 0.0
         self.class_counts = [0, 0]
         self.vae_epoch: Optional[int] = None
-        self._spread: dict = {}  # (guidance, steps, label-free) -> the scale `cfg.spread` sets
+        self._spread: dict = {}  # (guidance, steps, label-free) -> 1 / the calibration draw's RMS
 
     # ---- training ----------------------------------------------------------------------------
     def fit(self, latents: torch.Tensor, labels: Optional[torch.Tensor] = None, state: Optional[dict] = None,
@@ -156,8 +156,10 @@ class LearnedPrior:
 
     @torch.no_grad()
     def sample(self, n: int, generator: Optional[torch.Generator] = None, labels: Optional[torch.Tensor] = None,
-               guidance: Optional[float] = None, steps: Optional[int] = None, batch_size: int = 256) -> torch.Tensor:
-        """n latents (n, C, H, W) float32 on the CPU; the same generator state gives the same latents."""
+               guidance: Optional[float] = None, steps: Optional[int] = None, batch_size: int = 256,
+               spread: Optional[float] = None) -> torch.Tensor:
+        """n latents (n, C, H, W) float32 on the CPU; the same generator state gives the same latents.
+        ``guidance``, ``steps`` and ``spread`` default to the prior's config."""
         if self.net is None:
             raise SpatialVAEError("LearnedPrior.sample called before fit() or load")
         guidance = self.cfg.guidance if guidance is None else float(guidance)
@@ -178,14 +180,16 @@ class LearnedPrior:
         self.net.eval()
         out = [self._integrate(x[s:s + batch_size], labels[s:s + batch_size], guidance, steps)
                for s in range(0, n, batch_size)]
-        scale = self.spread_scale(guidance, steps, label_free=bool((labels == N_CLASSES).all()))
+        scale = self.spread_scale(guidance, steps, bool((labels == N_CLASSES).all()), spread)
         return torch.cat(out) * scale * self.std + self.mean
 
-    def spread_scale(self, guidance: float, steps: int, label_free: bool = False) -> float:
-        """The factor that brings the standardised samples' RMS to ``cfg.spread`` (1.0 when it is 0).
-        Measured once per setting on a fixed calibration draw in the training class mix (or
-        label-free), so it does not depend on what is being sampled."""
-        if not self.cfg.spread:
+    def spread_scale(self, guidance: float, steps: int, label_free: bool = False,
+                     spread: Optional[float] = None) -> float:
+        """The factor that brings the standardised samples' RMS to ``spread`` (default ``cfg.spread``;
+        1.0 when it is 0). Measured once per setting on a fixed calibration draw in the training class
+        mix (or label-free), so it does not depend on what is being sampled."""
+        spread = self.cfg.spread if spread is None else float(spread)
+        if not spread:
             return 1.0
         key = (float(guidance), int(steps), bool(label_free))
         if key not in self._spread:
@@ -198,8 +202,8 @@ class LearnedPrior:
                 labels = torch.full((n,), N_CLASSES, dtype=torch.long)
             x = torch.randn((n, *self.latent_shape), generator=gen)
             z = torch.cat([self._integrate(x[s:s + 256], labels[s:s + 256], guidance, steps) for s in range(0, n, 256)])
-            self._spread[key] = float(self.cfg.spread / z.pow(2).mean().sqrt().clamp(min=1e-6))
-        return self._spread[key]
+            self._spread[key] = float(1.0 / z.pow(2).mean().sqrt().clamp(min=1e-6))
+        return spread * self._spread[key]
 
     def _integrate(self, x: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int) -> torch.Tensor:
         """Heun's method from t = 0 (noise) to t = 1 (data), ``steps`` velocity pairs."""

@@ -191,6 +191,10 @@ def test_spread_gives_the_calibration_draw_that_rms_and_only_rescales(fitted, sp
     b = plain.sample(16, torch.Generator().manual_seed(4), labels=labels)
     torch.testing.assert_close((a - fitted.mean) / fitted.std, scale * (b - plain.mean) / plain.std,
                                rtol=1e-5, atol=1e-5)
+    # A spread given when sampling overrides the config's: 0 is the flow as it draws.
+    torch.testing.assert_close(fitted.sample(16, torch.Generator().manual_seed(4), labels=labels, spread=0), b)
+    again = plain.sample(16, torch.Generator().manual_seed(4), labels=labels, spread=spread)
+    torch.testing.assert_close(again, a)
 
 
 def test_a_prior_saved_before_the_spread_and_time_settings_samples_as_it_did(fitted):
@@ -331,7 +335,8 @@ def test_a_dataset_with_one_class_trains_with_a_warning_and_refuses_the_missing_
 
 
 @pytest.mark.parametrize("case", ["unknown label", "no prior", "other latent shape", "unfinished prior",
-                                  "label with N(0, I)", "guidance without the learned prior"])
+                                  "label with N(0, I)", "guidance without the learned prior",
+                                  "spread without the learned prior"])
 def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_path, capsys):
     from spatialvae.prior_run import prior_path
     from spatialvae.runs import atomic_torch_save
@@ -341,7 +346,8 @@ def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_pa
     expected = {"unknown label": "unknown label 'cat'", "no prior": "has no learned prior",
                 "other latent shape": "trained for latents of shape (4, 2, 2)",
                 "unfinished prior": "stopped at step 10 of 20", "label with N(0, I)": "--label needs a sampler",
-                "guidance without the learned prior": "--guidance applies to --sampler learned only"}[case]
+                "guidance without the learned prior": "--guidance applies to --sampler learned only",
+                "spread without the learned prior": "--spread applies to --sampler learned only"}[case]
     if case == "unknown label":
         args += ["--label", "cat"]
     elif case == "no prior":
@@ -355,7 +361,8 @@ def test_sample_bad_input_is_one_line_and_writes_nothing(case, prior_run, tmp_pa
     elif case == "label with N(0, I)":
         args = ["sample", "--run", run, "--sampler", "standard_normal", "--label", "normal", "--out", tmp_path / "out.png"]
     else:
-        args = ["sample", "--run", run, "--sampler", "gmm", "--guidance", "2", "--out", tmp_path / "out.png"]
+        flag = "--guidance" if case.startswith("guidance") else "--spread"
+        args = ["sample", "--run", run, "--sampler", "gmm", flag, "2", "--out", tmp_path / "out.png"]
     code, _, err = _cli(args, capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err
     assert "Traceback" not in err and not (tmp_path / "out.png").exists()
