@@ -164,10 +164,8 @@ class LearnedPrior:
             raise SpatialVAEError("LearnedPrior.sample called before fit() or load")
         guidance = self.cfg.guidance if guidance is None else float(guidance)
         steps = steps or self.cfg.sample_steps
-        if labels is None:  # the training class mix; labels all N_CLASSES = the label-free model
-            weights = torch.tensor(self.class_counts, dtype=torch.float64)
-            labels = (torch.multinomial(weights, n, replacement=True, generator=generator) if weights.sum() > 0
-                      else torch.full((n,), N_CLASSES, dtype=torch.long))
+        if labels is None:
+            labels = self._mix_labels(n, generator)
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if len(labels) != n or bool(((labels < 0) | (labels > N_CLASSES)).any()):
             raise SpatialVAEError(f"labels must be {n} values in 0 (NORMAL), 1 (PNEUMONIA) or {N_CLASSES} (none)")
@@ -195,15 +193,20 @@ class LearnedPrior:
         if key not in self._spread:
             gen = torch.Generator().manual_seed(self.cfg.seed + 2)
             n = self.cfg.calibration_samples
-            weights = torch.tensor(self.class_counts, dtype=torch.float64)
-            labels = (torch.multinomial(weights, n, replacement=True, generator=gen) if weights.sum() > 0
-                      else torch.full((n,), N_CLASSES, dtype=torch.long))
+            labels = self._mix_labels(n, gen)
             if label_free:  # after the draw, so both calibrations integrate the same noise
                 labels = torch.full((n,), N_CLASSES, dtype=torch.long)
             x = torch.randn((n, *self.latent_shape), generator=gen)
             z = torch.cat([self._integrate(x[s:s + 256], labels[s:s + 256], guidance, steps) for s in range(0, n, 256)])
             self._spread[key] = float(1.0 / z.pow(2).mean().sqrt().clamp(min=1e-6))
         return spread * self._spread[key]
+
+    def _mix_labels(self, n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """n labels drawn in the training class mix; all N_CLASSES (the label-free model) if it had no labels."""
+        weights = torch.tensor(self.class_counts, dtype=torch.float64)
+        if weights.sum() == 0:
+            return torch.full((n,), N_CLASSES, dtype=torch.long)
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
 
     def _integrate(self, x: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int) -> torch.Tensor:
         """Heun's method from t = 0 (noise) to t = 1 (data), ``steps`` velocity pairs."""
