@@ -658,3 +658,14 @@ def seeded_subset(n_total: int, k: int, seed: int) -> torch.Tensor:
     if k >= n_total:
         return torch.arange(n_total)
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def seeded_per_class(labels: torch.Tensor, k: int, seed: int, classes) -> list[torch.Tensor]:
+    """For each class in ``classes``, in that order, up to k seeded indices of its images (one
+    generator for all, so the picks depend on the class order) -> one index tensor per class."""
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in classes:
+        idx = (labels == c).nonzero().flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return picks

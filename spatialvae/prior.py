@@ -175,11 +175,9 @@ class LearnedPrior:
             raise SpatialVAEError(f"the learned prior saw no {' or '.join(unseen)} training images, so it cannot draw "
                                   "that class; train on a dataset with both classes, or sample without --label")
         x = torch.randn((n, *self.latent_shape), generator=generator)  # one draw for all: batch-size independent
-        self.net.eval()
-        out = [self._integrate(x[s:s + batch_size], labels[s:s + batch_size], guidance, steps)
-               for s in range(0, n, batch_size)]
+        z = self._integrate_batches(x, labels, guidance, steps, batch_size)
         scale = self.spread_scale(guidance, steps, bool((labels == N_CLASSES).all()), spread)
-        return torch.cat(out) * scale * self.std + self.mean
+        return z * scale * self.std + self.mean
 
     def spread_scale(self, guidance: float, steps: int, label_free: bool = False,
                      spread: Optional[float] = None) -> float:
@@ -197,7 +195,7 @@ class LearnedPrior:
             if label_free:  # after the draw, so both calibrations integrate the same noise
                 labels = torch.full((n,), N_CLASSES, dtype=torch.long)
             x = torch.randn((n, *self.latent_shape), generator=gen)
-            z = torch.cat([self._integrate(x[s:s + 256], labels[s:s + 256], guidance, steps) for s in range(0, n, 256)])
+            z = self._integrate_batches(x, labels, guidance, steps, 256)
             self._spread[key] = float(1.0 / z.pow(2).mean().sqrt().clamp(min=1e-6))
         return spread * self._spread[key]
 
@@ -207,6 +205,13 @@ class LearnedPrior:
         if weights.sum() == 0:
             return torch.full((n,), N_CLASSES, dtype=torch.long)
         return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+    def _integrate_batches(self, x: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int,
+                           batch_size: int) -> torch.Tensor:
+        """`_integrate` over batches of ``batch_size`` (standardised latents, unscaled)."""
+        self.net.eval()
+        return torch.cat([self._integrate(x[s:s + batch_size], labels[s:s + batch_size], guidance, steps)
+                          for s in range(0, len(x), batch_size)])
 
     def _integrate(self, x: torch.Tensor, labels: torch.Tensor, guidance: float, steps: int) -> torch.Tensor:
         """Heun's method from t = 0 (noise) to t = 1 (data), ``steps`` velocity pairs."""

@@ -88,8 +88,6 @@ class StandardNormalSampler:
         return {"kind": "N(0, I)"}
 
 
-
-
 class GaussianSampler:
     """One Gaussian with full covariance over the flattened latent, fitted to posterior means.
 

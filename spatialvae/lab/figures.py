@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..data import CLASSES, as_float_images, make_datasets
+from ..data import CLASSES, as_float_images, make_datasets, seeded_per_class
 from ..prior_run import load_prior
 from ..runs import RunDir, load_model
 from ..sampling import decode_latents, encode_dataset
@@ -30,12 +30,7 @@ from ..viz import image_grid, save_png
 
 def _class_rows(labels: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
     """n seeded indices of each class (fewer where a class has fewer images), NORMAL first."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for k in range(len(CLASSES)):
-        idx = (labels == k).nonzero().flatten()
-        rows.append(idx[torch.randperm(len(idx), generator=g)[:n]])
-    return rows
+    return seeded_per_class(labels, n, seed, range(len(CLASSES)))
 
 
 def sample_rows(run_dir, splits, n: int, seed: int, guidance: Optional[float] = None) -> torch.Tensor:

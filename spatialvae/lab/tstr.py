@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..data import seeded_per_class
 from .features import FeatureNetConfig, train_feature_net
 from .report import fmt
 
@@ -32,12 +33,7 @@ class LabelledImages:
 
 def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
     """Up to ``per_class`` seeded indices of each class, sorted."""
-    g = torch.Generator().manual_seed(seed)
-    picks = []
-    for k in labels.unique().tolist():
-        idx = (labels == k).nonzero().flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
-    return torch.cat(picks).sort().values
+    return torch.cat(seeded_per_class(labels, per_class, seed, labels.unique().tolist())).sort().values
 
 
 def class_labels(per_class: int, n_classes: int = 2) -> torch.Tensor:
