@@ -552,7 +552,7 @@ def _add_figures_parser(sub) -> None:
                                                                    "(default docs/img)")
     p.add_argument("--data", metavar="PATH", default=None, help="dataset folder (default: the run's own)")
     p.add_argument("--n", type=count(2), default=6, help="images per row (default 6)")
-    p.add_argument("--guidance", type=float, default=None, help="the learned prior's guidance (default: its own)")
+    p.add_argument("--guidance", type=non_negative, default=None, help="the learned prior's guidance (default: its own)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_figures)
 

@@ -21,6 +21,7 @@ CASES = [
     ("sample --run RUN --guidance inf --out OUT/s.png", "argument --guidance: inf is out of range"),
     ("sample --run RUN --spread -1 --out OUT/s.png", "argument --spread: -1 is out of range"),
     ("sample --run RUN --spread nan --out OUT/s.png", "argument --spread: nan is out of range"),
+    ("figures --run RUN --out OUT --guidance -1", "argument --guidance: -1 is out of range"),
     ("sample --run RUN --out OUT", "argument --out: OUT is a folder"),
     ("sample --run RUN --out OUT/afile/s.png", "afile is a file, not a folder"),
     ("sample --run RUN --sampler vae --out OUT/s.png", "argument --sampler: invalid choice: 'vae'"),
