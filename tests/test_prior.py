@@ -7,7 +7,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from conftest import copy_run
+from conftest import copy_run, run_cli
 
 from spatialvae.config import ConfigError, PriorConfig, get_preset
 from spatialvae.errors import CheckpointError, SpatialVAEError
@@ -236,15 +236,7 @@ def prior_run(fake_smoke_run):
 
 
 def _cli(args, capsys):
-    import warnings
-
-    from spatialvae.cli import main
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, *args)
 
 
 def test_train_ends_with_a_finished_prior_that_resume_keeps(prior_run, capsys):
