@@ -154,6 +154,30 @@ def test_commands_pick_the_sharp_decoder_when_there_is_one(fake_smoke_run, tmp_p
     assert "best.pt" in capsys.readouterr().out
 
 
+
+def test_a_finished_run_gains_the_stage_on_resume_and_another_stage_seed_redraws_the_head_only(
+        fake_smoke_run, tmp_path, capsys):
+    """The stage is a short GAN whose outcome varies with its seed (README): `train --resume RUN
+    --set texture.enabled=true` adds it to a finished run, and another ``texture.seed`` trains it
+    again, changing the head's weights and nothing else; best.pt and prior.pt stay byte for byte."""
+    from conftest import run_cli
+
+    run, tree = fake_smoke_run
+    run = copy_run(run, tmp_path / "run")
+    kept = {n: (run / "checkpoints" / n).read_bytes() for n in ("best.pt", "prior.pt")}
+    args = ["train", "--resume", run, "--data", tree["root"], "--quiet", "--set", "texture.enabled=true"]
+    assert run_cli(capsys, *args)[0] == 0
+    first = torch.load(sharp_path(run), weights_only=True)["model"]
+    assert run_cli(capsys, *args, "--set", "texture.seed=1")[0] == 0
+    second = torch.load(sharp_path(run), weights_only=True)["model"]
+    assert "other settings; training it again" in (run / "train.log").read_text()
+    assert {n: (run / "checkpoints" / n).read_bytes() for n in kept} == kept
+    model, _, _ = load_model(run / "checkpoints" / "best.pt")
+    head = {f"decoder.{name}" for name, m in model.decoder.named_modules()
+            if any(m is h for h in model.decoder.head_modules(1))}
+    changed = {k for k in first if not torch.equal(first[k], second[k])}
+    assert changed and all(k.rsplit(".", 1)[0].startswith(tuple(head)) for k in changed)
+
 @pytest.mark.parametrize("overrides,expected", [
     ({"texture.steps": 0}, "texture.steps=0"),
     ({"texture.head_blocks": 0}, "texture.head_blocks=0"),
