@@ -533,5 +533,7 @@ def build_trainer(cfg: Config, train_data: Dataset, val_data: Optional[Dataset],
     last = RunDir(run_dir).last
     if resume is True or (resume == "auto" and last.is_file()):
         trainer.load(last)
-        trainer.log.info(f"resumed {run_dir} at epoch {trainer.epoch + 1} of {total_epochs(cfg.train)}")
+        n = total_epochs(cfg.train)
+        where = f"at epoch {trainer.epoch + 1} of {n}" if trainer.epoch < n else f"after all {n} epochs"
+        trainer.log.info(f"resumed {run_dir} {where}")
     return trainer

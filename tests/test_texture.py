@@ -170,7 +170,8 @@ def test_a_finished_run_gains_the_stage_on_resume_and_another_stage_seed_redraws
     first = torch.load(sharp_path(run), weights_only=True)["model"]
     assert run_cli(capsys, *args, "--set", "texture.seed=1")[0] == 0
     second = torch.load(sharp_path(run), weights_only=True)["model"]
-    assert "other settings; training it again" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "other settings; training it again" in log and "after all 3 epochs" in log  # smoke: 1 + 2 epochs
     assert {n: (run / "checkpoints" / n).read_bytes() for n in kept} == kept
     model, _, _ = load_model(run / "checkpoints" / "best.pt")
     head = {f"decoder.{name}" for name, m in model.decoder.named_modules()
