@@ -212,8 +212,11 @@ class TextureConfig:
     hflip: bool = False  # True: the body's output is cached for each image and its mirror too (2x the cache time)
     head_blocks: int = 1  # decoder upsampling blocks trained with the output convs (1: the 64x64 block)
     lr: float = 2e-4  # Adam for the head: at 1e-4 the detail did not come within the step budget
-    disc_lr: float = 1e-3  # Adam for the critic, 5x the head's: at 1x the head overshot real detail
-    adv_weight: float = 0.05  # hinge adversarial term beside L1 + 0.5 (1 - SSIM)
+    # The critic at 2.5x the head's lr, and a slightly stronger adversarial term: over four stage
+    # seeds this drew more detail in reconstructions and samples than 5x with 0.05, at the same
+    # PSNR; 2.5x with 0.05 drew less, 0.07 cost 1 dB, and at 1x the head overshot real detail.
+    disc_lr: float = 5e-4  # Adam for the critic
+    adv_weight: float = 0.06  # hinge adversarial term beside L1 + 0.5 (1 - SSIM)
     feature_match_weight: float = 0.0  # L1 between the discriminator's features of real and drawn images
     disc_channels: int = 32  # width of the discriminator's first conv, doubled each layer
     disc_layers: int = 3  # stride-2 4x4 convs: a patch of 46 px at 3 layers
