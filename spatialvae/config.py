@@ -214,7 +214,8 @@ class TextureConfig:
     lr: float = 2e-4  # Adam for the head: at 1e-4 the detail did not come within the step budget
     # The critic at 2.5x the head's lr, and a slightly stronger adversarial term: over four stage
     # seeds this drew more detail in reconstructions and samples than 5x with 0.05, at the same
-    # PSNR; 2.5x with 0.05 drew less, 0.07 cost 1 dB, and at 1x the head overshot real detail.
+    # PSNR; 2.5x with 0.05 drew less, 0.07 went past the PSNR limit, and at 1x the head overshot
+    # real detail (docs/results/texture_stage_128.md).
     disc_lr: float = 5e-4  # Adam for the critic
     adv_weight: float = 0.06  # hinge adversarial term beside L1 + 0.5 (1 - SSIM)
     feature_match_weight: float = 0.0  # L1 between the discriminator's features of real and drawn images
